@@ -25,4 +25,5 @@ def packages() -> list[str]:
     return found
 
 
-setup(package_dir=ROOTS, packages=packages())
+if __name__ == "__main__":  # setuptools runs this file as __main__
+    setup(package_dir=ROOTS, packages=packages())

@@ -47,8 +47,9 @@ class NamespacesService(pb_grpc.NamespacesServicer):
             raise InvalidArgument("namespace name is required")
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         ns = await self.store.update(request.namespace.name, dict(request.namespace.labels), paths)
-        await self.events.publish(ns.name, "/namespaces/update",
-                                  ev.NamespaceUpdate(name=ns.name, labels=ns.labels))
+        # Like containerd, the event carries the labels the request sent, not the result.
+        await self.events.publish(ns.name, "/namespaces/update", ev.NamespaceUpdate(
+            name=ns.name, labels=dict(request.namespace.labels)))
         return pb.UpdateNamespaceResponse(namespace=_to_pb(ns))
 
     async def Delete(self, request: pb.DeleteNamespaceRequest, context) -> empty_pb2.Empty:
