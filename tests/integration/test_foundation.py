@@ -204,3 +204,33 @@ def test_bad_config_is_refused(ctrd_factory):
     daemon = ctrd_factory(config_text="[debug]\nformat = 'xml'\n")
     with pytest.raises(RuntimeError, match="xml"):
         daemon.start(timeout=10)
+
+
+def test_stop_ends_event_streams_and_exits_zero(ctrd):
+    events = subprocess.Popen(["ctr", "--address", ctrd.address, "events"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert ctrd.stop() == 0
+        assert time.monotonic() - start < 5, "an open event stream held up shutdown"
+        events.wait(timeout=10)
+    finally:
+        if events.poll() is None:
+            events.kill()
+            events.wait()
+
+
+def test_metrics_endpoint(ctrd_factory):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = ctrd_factory(config_text=f'[metrics]\naddress = "127.0.0.1:{port}"\n').start()
+    daemon.ctr("namespaces", "ls")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'ctrd_grpc_requests_total{code="OK",method="/containerd.services.namespaces.v1.' \
+        'Namespaces/List"}' in body
+    assert "ctrd_grpc_request_duration_seconds_bucket" in body
