@@ -60,7 +60,7 @@ state = "{DEFAULT_STATE}"
     schedule_delay = "0ms"
 
   [plugins."io.containerd.snapshotter.v1.overlayfs"]
-    # Mount lower layers read-only through idmapped or plain overlay; no options yet.
+    # No options yet; the table is where they will go.
 
   [plugins."io.containerd.runtime.v2.task"]
     # Which shim binary serves a runtime name. "io.containerd.runc.v2" maps to
@@ -70,6 +70,22 @@ state = "{DEFAULT_STATE}"
       "io.containerd.runc.v2" = "containerd-shim-ctrd-v2"
       "io.containerd.runc.v1" = "containerd-shim-ctrd-v2"
       "io.containerd.ctrd.v2" = "containerd-shim-ctrd-v2"
+
+  [plugins."io.containerd.transfer.v1.local"]
+    # Registry hosts in containerd's layout: <config_path>/<host>/hosts.toml (mirrors,
+    # CA and client certificates, skip_verify, plain HTTP).
+    config_path = "/etc/ctrd/certs.d"
+    # Docker-style config.json with registry logins; empty means none.
+    credentials = ""
+    # Hosts reached over plain HTTP (loopback registries already are).
+    plain_http = []
+    max_concurrent_downloads = 3
+    max_concurrent_uploads = 3
+    snapshotter = "overlayfs"
+    connect_timeout = 30
+    read_timeout = 60
+    # Tries per request on network errors, 429 and 5xx, with backoff.
+    attempts = 5
 
   [plugins."io.containerd.grpc.v1.cri"]
     sandbox_image = "ctrd.local/busybox:latest"
