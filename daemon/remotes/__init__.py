@@ -1,0 +1,1 @@
+"""Talking to OCI registries: hosts configuration, authentication, the distribution API."""

@@ -1,0 +1,1 @@
+"""Moving images between registries, the local stores and archives (containerd's transfer)."""
