@@ -1,0 +1,1 @@
+"""ctrctl: a docker-style command line for ctrd (and containerd)."""
