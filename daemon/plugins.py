@@ -67,7 +67,7 @@ PLUGINS: list[Plugin] = [
            requires=(f"{SERVICE}.images-service", EVENT, GC)),
     Plugin(GRPC, "leases", leases_service.init, requires=(LEASE, GC)),
     Plugin(GRPC, "snapshots", snapshots_service.init,
-           requires=(f"{SERVICE}.snapshots-service", EVENT)),
+           requires=(f"{SERVICE}.snapshots-service", EVENT, GC)),
     Plugin(GRPC, "diff", diff_service.init, requires=(DIFF,)),
     Plugin(GRPC, "streaming", streaming_service.init, requires=(f"{INTERNAL}.streaming",)),
     Plugin(GRPC, "transfer", transfer_service.init,

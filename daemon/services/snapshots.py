@@ -14,7 +14,8 @@ from ctrd.protoutil import nanos, timestamp
 
 from ..events.exchange import Exchange
 from ..metadata.snapshots import SnapshotInfo, SnapshotStore
-from ..plugin import EVENT, SERVICE, InitContext
+from ..gc.scheduler import Scheduler
+from ..plugin import EVENT, GC, SERVICE, InitContext
 from ..snapshots.mounts import Mount
 from ..snapshots.storage import Kind
 from .context import lease, namespace
@@ -39,9 +40,10 @@ def _to_pb(info: SnapshotInfo) -> pb.Info:
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    def __init__(self, store: SnapshotStore, events: Exchange) -> None:
+    def __init__(self, store: SnapshotStore, events: Exchange, gc: Scheduler) -> None:
         self.store = store
         self.events = events
+        self.gc = gc
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_SnapshotsServicer_to_server(self, server)
@@ -76,6 +78,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     async def Remove(self, request: pb.RemoveSnapshotRequest, context) -> empty_pb2.Empty:
         ns = namespace(context)
         await self.store.remove(ns, request.snapshotter, request.key)
+        # A removed snapshot may have been all that kept content or a parent alive.
+        self.gc.mark_dirty()
         await self.events.publish(ns, "/snapshot/remove", ev.SnapshotRemove(key=request.key))
         return empty_pb2.Empty()
 
@@ -111,4 +115,4 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
 
 def init(ctx: InitContext) -> SnapshotsService:
-    return SnapshotsService(ctx.get(SERVICE, "snapshots-service"), ctx.get(EVENT))
+    return SnapshotsService(ctx.get(SERVICE, "snapshots-service"), ctx.get(EVENT), ctx.get(GC))
