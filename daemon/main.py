@@ -11,6 +11,8 @@ from ctrd.errors import CtrdError
 
 from . import logconfig
 from .config import DEFAULT_TOML, Config
+from .runtime import publish
+from .server import Daemon
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="configuration helpers")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     cfg_sub.add_parser("default", help="print the default configuration")
+    publish.add_parser(sub)
     return p
 
 
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(DEFAULT_TOML)
         return 0
+    if args.command == "publish":
+        address = args.address or Config.load(args.config).address
+        return publish.publish(address, args.namespace, args.topic, sys.stdin.buffer)
     try:
         config = Config.load(args.config)
         for name in ("root", "state", "address", "log_level", "log_format"):
@@ -43,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except CtrdError as exc:
         print(f"ctrd: {exc}", file=sys.stderr)
         return 2
-
-    from .server import Daemon  # grpc is heavy; `ctrd config default` need not load it
 
     try:
         asyncio.run(Daemon(config).serve())

@@ -60,7 +60,7 @@ PLUGINS: list[Plugin] = [
     # gRPC services: thin adapters from protobuf to the core objects above.
     Plugin(GRPC, "events", events_service.init, requires=(EVENT,)),
     Plugin(GRPC, "namespaces", namespaces_service.init, requires=(METADATA, EVENT)),
-    Plugin(GRPC, "containers", containers_service.init, requires=(METADATA, EVENT)),
+    Plugin(GRPC, "containers", containers_service.init, requires=(METADATA, EVENT, GC)),
     Plugin(GRPC, "tasks", tasks_service.init, requires=(METADATA, RUNTIME)),
     Plugin(GRPC, "content", content_service.init, requires=(f"{SERVICE}.content-service",)),
     Plugin(GRPC, "images", images_service.init,
