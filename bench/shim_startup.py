@@ -54,6 +54,7 @@ class Bench:
         self.events_sock = str(base / "events.sock")
         self.zygote_sock = str(base / "zygote.sock")
         self.clients: list[Client] = []
+        self.log_fds: list[int] = []
         self.zygote: subprocess.Popen[bytes] | None = None
         self.events = Server()
         self.events.register("containerd.services.events.ttrpc.v1.Events",
@@ -75,6 +76,9 @@ class Bench:
             spec["process"]["terminal"] = False  # type: ignore[index]
             spec["root"] = {"path": str(self.rootfs), "readonly": True}
         (path / "config.json").write_text(json.dumps(spec))
+        # The Go shim will not run without the log fifo, and blocks until it has a reader.
+        os.mkfifo(path / "log", 0o700)
+        self.log_fds.append(os.open(path / "log", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
         return path
 
     def make_rootfs(self) -> None:
@@ -222,6 +226,8 @@ class Bench:
             self.zygote.send_signal(signal.SIGTERM)
             self.zygote.wait(10)
         self.events.shutdown()
+        for fd in self.log_fds:
+            os.close(fd)
         shutil.rmtree(f"/run/containerd/runc/{NAMESPACE}", ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -24,6 +24,7 @@ from ctrd.api.containerd.types.transfer import imagestore_pb2, progress_pb2, reg
 from .connection import Connection, translate
 from .snapshots import DEFAULT_SNAPSHOTTER
 from .types import Platform
+from .version import Introspection
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class Transfer:
 
     async def transfer(self, source: any_pb2.Any, destination: any_pb2.Any,
                        progress: Callable[[Progress], None] | None = None) -> None:
+        # Ask first: against a daemon without the service, the progress stream's first
+        # write can lose the race with the rejection and fail as INTERNAL, not UNIMPLEMENTED.
+        if not await Introspection(self._conn).has_plugin("io.containerd.grpc.v1", "transfer"):
+            raise errors.Unimplemented(
+                f"the daemon at {self._conn.address} has no Transfer service "
+                "(containerd 1.7+ or ctrd needed to pull)")
         opts = pb.TransferOptions()
         reader: asyncio.Task | None = None
         stream = None

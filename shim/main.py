@@ -5,30 +5,37 @@
 
 ``start`` launches the serving shim and prints its address; ``delete`` cleans up
 after a shim that died; no action serves (on -socket, else on the listening
-socket inherited as fd 3). Flags follow Go's flag package: one or two dashes,
+socket inherited as fd 3). ``containerd-shim-ctrd-v2 zygote -socket PATH -state DIR``
+runs a warm process that forks serving shims on request (see ctrd.shim.zygote). Flags follow Go's flag package: one or two dashes,
 ``-flag value`` or ``-flag=value``.
 """
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 BOOL_FLAGS = {"debug", "v"}
 VALUE_FLAGS = {"namespace", "id", "address", "publish-binary", "bundle", "socket"}
 
 
-@dataclass
 class Flags:
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    publish_binary: str = "containerd"
-    bundle: str = ""
-    socket: str = ""
-    debug: bool = False
-    v: bool = False
-    action: str = ""
+    """The parsed command line. A plain class, not a dataclass: importing dataclasses
+    (it pulls in inspect and ast) would cost ``start`` a third of its imports, and
+    containerd waits for ``start`` on every container."""
+
+    __slots__ = ("namespace", "id", "address", "publish_binary", "bundle", "socket", "debug",
+                 "v", "action")
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.id = ""
+        self.address = ""
+        self.publish_binary = "containerd"
+        self.bundle = ""
+        self.socket = ""
+        self.debug = False
+        self.v = False
+        self.action = ""
 
 
 def parse(argv: list[str]) -> Flags:
@@ -59,7 +66,12 @@ def parse(argv: list[str]) -> Flags:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flags = parse(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["zygote"]:
+        from ctrd.shim.zygote import main as zygote
+
+        return zygote(args[1:])
+    flags = parse(args)
     name = os.path.basename(sys.argv[0])
     if flags.v:
         from ctrd import __version__

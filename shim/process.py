@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -277,6 +276,8 @@ class Exec(Process):
         with self.lock:
             if self.state != CREATED:
                 raise self._refuse("start")
+            import tempfile  # only execs need it; the shim's start-up should not pay
+
             fd, spec_file = tempfile.mkstemp(prefix=".exec-", suffix=".json",
                                              dir=self.parent.bundle)
             try:

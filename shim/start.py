@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import socket
 import stat
@@ -28,9 +27,19 @@ def socket_address(containerd_address: str, namespace: str, grouping: str) -> st
 def grouping_id(bundle: str, id: str) -> str:
     """Containers annotated with a group share one shim."""
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            annotations = json.load(f).get("annotations") or {}
-    except (OSError, ValueError):
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            data = f.read()
+    except OSError:
+        return id
+    # Encoders write these ASCII keys verbatim; without them there is nothing to
+    # decode, and ``start`` is spared importing json (and re) for most containers.
+    if not any(label.encode() in data for label in GROUP_LABELS):
+        return id
+    import json
+
+    try:
+        annotations = json.loads(data).get("annotations") or {}
+    except ValueError:
         return id
     for label in GROUP_LABELS:
         if annotations.get(label):
@@ -77,7 +86,7 @@ def write_address(bundle: str, address: str) -> None:
     os.rename(tmp, os.path.join(bundle, "address"))
 
 
-def _shim_cgroup(options: bytes) -> str:
+def shim_cgroup(options: bytes) -> str:
     if not options:
         return ""
     from google.protobuf import any_pb2
@@ -92,7 +101,7 @@ def _shim_cgroup(options: bytes) -> str:
     return opts.shim_cgroup
 
 
-def _join_cgroup(cgroup: str, pid: int) -> None:
+def join_cgroup(cgroup: str, pid: int) -> None:
     root = "/sys/fs/cgroup"
     if os.path.exists(os.path.join(root, "cgroup.controllers")):
         targets = [os.path.join(root, cgroup.lstrip("/"))]
@@ -105,10 +114,10 @@ def _join_cgroup(cgroup: str, pid: int) -> None:
             f.write(str(pid))
 
 
-def _adjust_oom_score(pid: int) -> None:
+def adjust_oom_score(pid: int, daemon_pid: int) -> None:
     """One above the daemon's score, so the kernel picks the shim before the daemon."""
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+        with open(f"/proc/{daemon_pid}/oom_score_adj") as f:
             score = int(f.read().strip())
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(min(score + 1, 1000)))
@@ -116,22 +125,39 @@ def _adjust_oom_score(pid: int) -> None:
         pass
 
 
-def start(namespace: str, id: str, containerd_address: str, ttrpc_address: str,
-          debug: bool) -> int:
-    bundle = os.getcwd()
+def open_listener(bundle: str, id: str, namespace: str,
+                  containerd_address: str) -> tuple[socket.socket | None, str]:
+    """The listening socket for a new shim and its address; no socket when a live
+    shim of the same group already serves that address. A socket left by a dead
+    shim is replaced."""
     address = socket_address(containerd_address, namespace, grouping_id(bundle, id))
     try:
-        listener = _listen(address)
+        return _listen(address), address
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        if _can_connect(address):  # a shim for this group already runs
-            write_address(bundle, address)
-            os.write(1, address.encode())
-            return 0
-        if stat.S_ISSOCK(os.lstat(_path(address)).st_mode):
-            os.unlink(_path(address))
-        listener = _listen(address)
+    if _can_connect(address):
+        return None, address
+    if stat.S_ISSOCK(os.lstat(_path(address)).st_mode):
+        os.unlink(_path(address))
+    return _listen(address), address
+
+
+def remove_socket(address: str) -> None:
+    try:
+        os.unlink(_path(address))
+    except OSError:
+        pass
+
+
+def start(namespace: str, id: str, containerd_address: str, ttrpc_address: str,
+          debug: bool) -> int:
+    bundle = os.getcwd()
+    listener, address = open_listener(bundle, id, namespace, containerd_address)
+    if listener is None:  # a shim for this group already runs
+        write_address(bundle, address)
+        os.write(1, address.encode())
+        return 0
     try:
         write_address(bundle, address)
         stdin = _read_all(0)
@@ -147,18 +173,15 @@ def start(namespace: str, id: str, containerd_address: str, ttrpc_address: str,
                 os._exit(code)
         listener.close()
         try:
-            cgroup = _shim_cgroup(stdin)
+            cgroup = shim_cgroup(stdin)
             if cgroup:
-                _join_cgroup(cgroup, pid)
-            _adjust_oom_score(pid)
+                join_cgroup(cgroup, pid)
+            adjust_oom_score(pid, os.getppid())
         except BaseException:
             os.kill(pid, 9)
             raise
     except BaseException:
-        try:
-            os.unlink(_path(address))
-        except OSError:
-            pass
+        remove_socket(address)
         raise
     os.write(1, address.encode())
     return 0
@@ -177,6 +200,10 @@ def _become_daemon() -> None:
     """Detach from the start command: own session, and none of its stdio, which
     containerd reads until every writer is gone."""
     os.setsid()
+    null_stdio()
+
+
+def null_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

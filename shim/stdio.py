@@ -17,11 +17,9 @@ import os
 import select
 import socket
 import struct
-import tempfile
 import termios
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from ctrd import errors
 from ctrd.shim.log import Logger
@@ -50,6 +48,10 @@ def _close(fd: int | None) -> None:
 
 def _open_output(target: str) -> int:
     """An fd to write a stream to: a fifo (scheme-less or fifo://) or a file:// path."""
+    if ":" not in target:  # a plain fifo path, what ctr sends: no need to parse
+        return os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    from urllib.parse import urlparse  # imported on use: it costs the shim's start-up
+
     uri = urlparse(target)
     if uri.scheme == "file":
         os.makedirs(os.path.dirname(uri.path) or "/", exist_ok=True)
@@ -189,6 +191,8 @@ class ConsoleSocket:
     """The unix socket runc sends the pty master through (--console-socket)."""
 
     def __init__(self) -> None:
+        import tempfile  # imported on use: it costs the shim's start-up
+
         self._dir = tempfile.mkdtemp(prefix="pty")
         self.path = os.path.join(self._dir, "pty.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
