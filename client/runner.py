@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ctrd import errors, identifiers, reference
+from ctrd.oci import spec as oci
 
 from . import spec as specs
 from .cio import DEFAULT_FIFO_DIR, Attach, FifoSet
@@ -117,7 +118,10 @@ async def _resolve_user(client: AsyncClient, snapshotter: str, parent: str,
     if not specs.needs_lookup(user):
         return specs.resolve_user(user, None, None)
     files = await read_rootfs_files(client, snapshotter, parent, ["etc/passwd", "etc/group"])
-    return specs.resolve_user(user, files.get("etc/passwd"), files.get("etc/group"))
+    passwd, group = files.get("etc/passwd"), files.get("etc/group")
+    found = specs.resolve_user(user, passwd, group)
+    gids = oci.additional_gids(str(found.uid), found.gid, passwd, group)
+    return replace(found, additional_gids=tuple(gids))
 
 
 async def read_rootfs_files(client: AsyncClient, snapshotter: str, parent: str,

@@ -24,8 +24,9 @@ import structlog
 
 from ctrd.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
 from ctrd.oci import mediatypes
+from ctrd.oci.descriptor import Descriptor
 
-from .diff.walking import UNCOMPRESSED_LABEL, Descriptor, WalkingDiffer
+from .diff.walking import UNCOMPRESSED_LABEL, WalkingDiffer
 from .metadata.snapshots import SNAPSHOT_REF_LABEL, SnapshotStore
 
 log = structlog.get_logger()

@@ -14,7 +14,6 @@ import enum
 import io
 import json
 import os
-import platform as host
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import zstandard
 from isal import igzip
 
 from ctrd.oci import digest, mediatypes
+from ctrd.oci.descriptor import Platform
 
 # 2000-01-01T00:00:00Z: a fixed, obviously synthetic time for entries and configs.
 DEFAULT_MTIME = 946684800
@@ -242,34 +242,6 @@ def layer(tar: bytes | Iterable[TarEntry], compression: Compression = Compressio
         compression.value, docker=docker, nondistributable=nondistributable
     )
     return Layer(Blob(kind, compression.compress(tar)), str(digest.of_bytes(tar)))
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str = "linux"
-    architecture: str = "amd64"
-    variant: str = ""
-
-    @classmethod
-    def host(cls) -> Platform:
-        machine = host.machine().lower()
-        arch, variant = {
-            "x86_64": ("amd64", ""), "amd64": ("amd64", ""),
-            "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"),
-            "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
-            "i686": ("386", ""), "i386": ("386", ""),
-            "ppc64le": ("ppc64le", ""), "s390x": ("s390x", ""), "riscv64": ("riscv64", ""),
-        }.get(machine, (machine, ""))
-        return cls("linux", arch, variant)
-
-    def to_json(self) -> dict[str, str]:
-        out = {"architecture": self.architecture, "os": self.os}
-        if self.variant:
-            out["variant"] = self.variant
-        return out
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from ctrd.errors import CtrdError, InvalidArgument, Unimplemented
 from ctrd.oci import mediatypes
+from ctrd.oci.descriptor import Descriptor
 
 from ..plugin import SERVICE, InitContext
 from ..snapshots.mounts import Mount, layers, temp_mount
@@ -35,14 +36,6 @@ log = structlog.get_logger()
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ctrd.errors import InvalidArgument
-
-from .descriptor import Platform
+from ctrd.oci.descriptor import Platform
 
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm",
                  "armel": "arm", "i386": "386", "i686": "386"}

@@ -27,10 +27,10 @@ from ctrd.errors import (
 )
 from ctrd.oci import digest as digests
 from ctrd.oci import mediatypes
+from ctrd.oci.descriptor import Descriptor
 from ctrd.reference import Reference
 
 from .auth import repository_scope
-from .descriptor import Descriptor
 from .hosts import PULL, PUSH, RESOLVE, RegistryHost
 from .transport import Request, Transport, transport_error, backoff_delay
 

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ctrd.oci import mediatypes
-
-from ..remotes.descriptor import Descriptor
+from ctrd.oci.descriptor import Descriptor
 
 # Byte-count events for one blob are sent at most this often.
 INTERVAL = 0.25

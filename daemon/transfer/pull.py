@@ -33,11 +33,11 @@ from ctrd.errors import (
     Unavailable,
 )
 from ctrd.oci import mediatypes
+from ctrd.oci.descriptor import Descriptor, Platform
 
 from ..metadata.images import Descriptor as ImageTarget
 from ..metadata.images import Image
 from ..metadata.leases import EXPIRE_LABEL
-from ..remotes.descriptor import Descriptor, Platform
 from ..remotes.platforms import Matcher, normalize
 from ..remotes.registry import Repository
 from .progress import Tracker, ref_key

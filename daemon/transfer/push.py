@@ -18,9 +18,9 @@ import structlog
 
 from ctrd.errors import InvalidArgument, NotFound
 from ctrd.oci import mediatypes
+from ctrd.oci.descriptor import Descriptor
 
 from ..metadata.images import Image
-from ..remotes.descriptor import Descriptor
 from ..remotes.platforms import Matcher
 from ..remotes.registry import Repository
 from .progress import Tracker, ref_key

@@ -12,9 +12,9 @@ from typing import Any
 
 import structlog
 
+from ctrd.oci.descriptor import Descriptor
+
 from ..diff.walking import UNCOMPRESSED_LABEL
-from ..diff.walking import Descriptor as DiffDescriptor
-from ..remotes.descriptor import Descriptor
 from ..unpack import Layer, Unpacker, chain_ids
 from .pull import UnpackStarter
 
@@ -34,10 +34,9 @@ class LayerSession:
         parent = chain_ids(self.diff_ids)[-1] if self.diff_ids else ""
         self.diff_ids.append(diff_id)
         chain_id = chain_ids(self.diff_ids)[-1]
-        blob = DiffDescriptor(layer.media_type, layer.digest, layer.size, dict(layer.annotations))
         # The unpacker's per-layer step: prepare, apply, check the diff ID, commit.
         created = await self.unpacker.apply_layer(
-            self.namespace, self.snapshotter, Layer(blob, diff_id), chain_id, parent, self.lease)
+            self.namespace, self.snapshotter, Layer(layer, diff_id), chain_id, parent, self.lease)
         if created:
             await self.unpacker.content.update(self.namespace, layer.digest,
                                                {UNCOMPRESSED_LABEL: diff_id},

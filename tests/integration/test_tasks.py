@@ -400,7 +400,7 @@ def test_dead_shim_cleaned_up_on_restart(rt: Runtime) -> None:
 
 def test_server_side_default_spec(rt: Runtime) -> None:
     """A spec from ctrd's own generator runs under each shim, with its settings applied."""
-    from ctrd.daemon.oci import spec as oci
+    from ctrd.oci import spec as oci
 
     tpb = _tpb()
     cid = rt.new_id()

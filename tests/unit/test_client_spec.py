@@ -5,13 +5,14 @@ import pytest
 
 from ctrd import errors
 from ctrd.client import spec
+from ctrd.oci import spec as oci
 
 IMAGE = {"config": {"Entrypoint": ["/entry"], "Cmd": ["serve"], "Env": ["PATH=/bin", "A=1"],
                     "WorkingDir": "/srv", "User": ""}}
 
 
 def test_default_spec_shape() -> None:
-    s = spec.default_spec("c1", "ns")
+    s = oci.default_spec("ns", "c1")
     assert s["root"] == {"path": "rootfs"}
     assert s["linux"]["cgroupsPath"] == "/ns/c1"
     assert {n["type"] for n in s["linux"]["namespaces"]} == {"pid", "ipc", "uts", "mount",

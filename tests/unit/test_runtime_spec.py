@@ -1,4 +1,4 @@
-"""The server-side default OCI spec generator (daemon/oci/spec.py)."""
+"""The shared default OCI spec generator (ctrd/oci/spec.py)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ctrd.daemon.oci import spec as oci
-from ctrd.daemon.oci.seccomp import default_profile
 from ctrd.errors import InvalidArgument, NotFound
+from ctrd.oci import spec as oci
+from ctrd.oci.seccomp import default_profile
 
 
 def test_defaults_match_containerd() -> None:

@@ -1,4 +1,4 @@
-"""ctrd's default seccomp profile: allow by default, refuse what a container must not do.
+"""The default seccomp profile: allow by default, refuse what a container must not do.
 
 A deny list rather than containerd's long allow list: it is short enough to read
 and review, and new harmless syscalls keep working without a profile update. What
