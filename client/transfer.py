@@ -1,8 +1,10 @@
-"""Pulling images through containerd 1.7's Transfer service.
+"""Pulling images and moving image archives through containerd 1.7's Transfer service.
 
 The daemon does the work (resolve, fetch, unpack); the client names a source
-(an OCI registry reference) and a destination (the image store), and may open
-a side stream through the Streaming service on which the daemon reports progress.
+(an OCI registry reference or an archive stream) and a destination (the image store
+or an archive stream), and may open a side stream through the Streaming service on
+which the daemon reports progress. Archive bytes travel over another such stream as
+``Data`` messages, the receiver granting the sender ``WindowUpdate`` byte allowances.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,7 +23,13 @@ from ctrd.api.containerd.services.streaming.v1 import streaming_pb2
 from ctrd.api.containerd.services.streaming.v1 import streaming_pb2_grpc
 from ctrd.api.containerd.services.transfer.v1 import transfer_pb2 as pb
 from ctrd.api.containerd.services.transfer.v1 import transfer_pb2_grpc as pb_grpc
-from ctrd.api.containerd.types.transfer import imagestore_pb2, progress_pb2, registry_pb2
+from ctrd.api.containerd.types.transfer import (
+    imagestore_pb2,
+    importexport_pb2,
+    progress_pb2,
+    registry_pb2,
+)
+from ctrd.api.containerd.types.transfer import streaming_pb2 as data_pb2
 
 from .connection import Connection, translate
 from .snapshots import DEFAULT_SNAPSHOTTER
@@ -45,6 +55,32 @@ class PullOptions:
     plain_http: bool = False
 
 
+@dataclass(frozen=True)
+class ArchiveImportOptions:
+    # Names for images the archive names by tag only (``base:tag``); "" keeps the
+    # archive's own full names and skips tag-only ones.
+    base_name: str = ""
+    unpack: bool = True
+    snapshotter: str = DEFAULT_SNAPSHOTTER
+    platforms: tuple[Platform, ...] = field(default_factory=lambda: (Platform.host(),))
+    labels: dict[str, str] = field(default_factory=dict)
+    force_compress: bool = False
+
+
+@dataclass(frozen=True)
+class ArchiveExportOptions:
+    platforms: tuple[Platform, ...] = ()  # empty: the daemon's own platform
+    all_platforms: bool = False
+    skip_docker_manifest: bool = False
+    skip_non_distributable: bool = False
+
+
+# The streaming protocol's sizes, as containerd's: 32 KiB messages in 64 KiB windows.
+MAX_MESSAGE = 32 << 10
+WINDOW = 2 * MAX_MESSAGE
+TAR_MEDIA_TYPE = "application/x-tar"
+
+
 class Transfer:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -66,14 +102,99 @@ class Transfer:
             platforms=[p.to_pb() for p in options.platforms], unpacks=unpacks)
         await self.transfer(protoutil.pack(source), protoutil.pack(destination), progress)
 
+    async def import_archive(self, source: str | Path | BinaryIO,
+                             options: ArchiveImportOptions = ArchiveImportOptions(),
+                             progress: Callable[[Progress], None] | None = None) -> list[str]:
+        """Send an OCI or docker archive (a path or a binary file) to the daemon's image
+        store; returns the names of the images it saved."""
+        saved: list[str] = []
+
+        def watch(item: Progress) -> None:
+            if item.event == "saved" and item.name:
+                saved.append(item.name)
+            if progress is not None:
+                progress(item)
+
+        references = []
+        if options.base_name:
+            references.append(imagestore_pb2.ImageReference(
+                name=options.base_name, is_prefix=True, allow_overwrite=True))
+        unpacks = [imagestore_pb2.UnpackConfiguration(platform=p.to_pb(),
+                                                      snapshotter=options.snapshotter)
+                   for p in options.platforms] if options.unpack else []
+        destination = imagestore_pb2.ImageStore(
+            labels=options.labels, platforms=[p.to_pb() for p in options.platforms],
+            extra_references=references, unpacks=unpacks)
+        await self._require()
+        stream_id = f"import-{secrets.token_hex(8)}"
+        call = await self._open_stream(stream_id)
+        if call is None:
+            raise errors.Unimplemented(f"the daemon at {self._conn.address} has no Streaming "
+                                       "service to send the archive on")
+        opened = None
+        if isinstance(source, (str, Path)):
+            opened = source = await asyncio.to_thread(open, source, "rb")
+        sender = asyncio.create_task(_send_file(call, source))
+        try:
+            request = importexport_pb2.ImageImportStream(
+                stream=stream_id, media_type=TAR_MEDIA_TYPE,
+                force_compress=options.force_compress)
+            await self.transfer(protoutil.pack(request), protoutil.pack(destination), watch)
+        finally:
+            sender.cancel()
+            call.cancel()
+            if opened is not None:
+                opened.close()
+        return saved
+
+    async def export_archive(self, names: list[str], target: str | Path | BinaryIO,
+                             options: ArchiveExportOptions = ArchiveExportOptions(),
+                             progress: Callable[[Progress], None] | None = None) -> None:
+        """Have the daemon write the named images as an OCI archive into ``target``
+        (a path, removed again if the export fails, or a binary file)."""
+        if not names:
+            raise errors.InvalidArgument("name at least one image to export")
+        await self._require()
+        stream_id = f"export-{secrets.token_hex(8)}"
+        call = await self._open_stream(stream_id)
+        if call is None:
+            raise errors.Unimplemented(f"the daemon at {self._conn.address} has no Streaming "
+                                       "service to receive the archive on")
+        path = Path(target) if isinstance(target, (str, Path)) else None
+        out: BinaryIO = await asyncio.to_thread(open, path, "wb") if path else target
+        receiver = asyncio.create_task(_receive_file(call, out))
+        ok = False
+        try:
+            source = imagestore_pb2.ImageStore(name=names[0], export_images=names[1:])
+            destination = importexport_pb2.ImageExportStream(
+                stream=stream_id, media_type=TAR_MEDIA_TYPE,
+                platforms=[p.to_pb() for p in options.platforms],
+                all_platforms=options.all_platforms,
+                skip_docker_manifest=options.skip_docker_manifest,
+                skip_non_distributable=options.skip_non_distributable)
+            await self.transfer(protoutil.pack(source), protoutil.pack(destination), progress)
+            # The daemon closes the stream after the last byte: wait for all of them.
+            await asyncio.wait_for(receiver, 60)
+            ok = True
+        finally:
+            receiver.cancel()
+            call.cancel()
+            if path is not None:
+                out.close()
+                if not ok:
+                    await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+
+    async def _require(self) -> None:
+        if not await Introspection(self._conn).has_plugin("io.containerd.grpc.v1", "transfer"):
+            raise errors.Unimplemented(
+                f"the daemon at {self._conn.address} has no Transfer service "
+                "(containerd 1.7+ or ctrd needed)")
+
     async def transfer(self, source: any_pb2.Any, destination: any_pb2.Any,
                        progress: Callable[[Progress], None] | None = None) -> None:
         # Ask first: against a daemon without the service, the progress stream's first
         # write can lose the race with the rejection and fail as INTERNAL, not UNIMPLEMENTED.
-        if not await Introspection(self._conn).has_plugin("io.containerd.grpc.v1", "transfer"):
-            raise errors.Unimplemented(
-                f"the daemon at {self._conn.address} has no Transfer service "
-                "(containerd 1.7+ or ctrd needed to pull)")
+        await self._require()
         opts = pb.TransferOptions()
         reader: asyncio.Task | None = None
         stream = None
@@ -117,6 +238,52 @@ class Transfer:
             call.cancel()
             return None
         return call
+
+
+async def _send_file(call, source: BinaryIO) -> None:
+    """Send ``source`` as Data messages, never more than the daemon has granted."""
+    try:
+        await _send_windowed(call, source)
+    except grpc.aio.AioRpcError:
+        pass  # the stream ended early; the Transfer call reports the reason
+
+
+async def _send_windowed(call, source: BinaryIO) -> None:
+    granted = 0
+    while True:
+        while granted <= 0:
+            item = await call.read()
+            if item is grpc.aio.EOF:
+                return  # the daemon stopped reading (it failed); the Transfer call says why
+            msg = protoutil.unpack(item)
+            if isinstance(msg, data_pb2.WindowUpdate):
+                granted += msg.update
+        chunk = await asyncio.to_thread(source.read, min(MAX_MESSAGE, granted))
+        if not chunk:
+            break
+        await call.write(protoutil.pack(data_pb2.Data(data=chunk)))
+        granted -= len(chunk)
+    await call.done_writing()
+
+
+async def _receive_file(call, out: BinaryIO) -> None:
+    """Write Data messages to ``out`` until the daemon ends the stream, granting windows."""
+    window = 0
+    while True:
+        if window < WINDOW:
+            try:
+                await call.write(protoutil.pack(data_pb2.WindowUpdate(update=WINDOW)))
+                window += WINDOW
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                pass  # the daemon already closed its side; read what is left
+        item = await call.read()
+        if item is grpc.aio.EOF:
+            await asyncio.to_thread(out.flush)
+            return
+        msg = protoutil.unpack(item)
+        if isinstance(msg, data_pb2.Data):
+            await asyncio.to_thread(out.write, msg.data)
+            window -= len(msg.data)
 
 
 async def _read_progress(call, progress: Callable[[Progress], None]) -> None:

@@ -18,8 +18,9 @@ from ctrd import errors, reference
 from ..client import AsyncClient
 from ..images import Image
 from ..runner import find_image
+from ..archive import ImportResult
+from ..transfer import ArchiveImportOptions, PullOptions
 from ..transfer import Progress as TransferProgress
-from ..transfer import PullOptions
 from ..types import Platform
 from .main import Settings, cli, pass_settings
 from .output import ago, format_option, human_size, print_json, print_table
@@ -215,6 +216,14 @@ def _import(settings: Settings, path: str, base_name: str, unpack: bool) -> None
         reference.normalize(base_name)  # refuse a bad name before reading anything
 
     async def go(client: AsyncClient):
+        if await client.introspection.has_plugin("io.containerd.grpc.v1", "transfer"):
+            # The daemon reads, verifies, names and unpacks the archive itself.
+            options = ArchiveImportOptions(
+                base_name=str(reference.parse_normalized(base_name)) if base_name else "",
+                unpack=unpack)
+            names = await client.transfer.import_archive(path, options)
+            return ImportResult(images=[await client.images.get(n) for n in names])
+        # containerd 1.6 has no Transfer service: read the archive here.
         result = await client.import_archive(path, base_name=base_name)
         if unpack:
             for found in result.images:

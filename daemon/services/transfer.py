@@ -17,19 +17,26 @@ from google.protobuf import empty_pb2
 from ctrd import protoutil, reference
 from ctrd.api.containerd.services.transfer.v1 import transfer_pb2 as pb
 from ctrd.api.containerd.services.transfer.v1 import transfer_pb2_grpc as pb_grpc
-from ctrd.api.containerd.types.transfer import imagestore_pb2, progress_pb2, registry_pb2
+from ctrd.api.containerd.types.transfer import (
+    imagestore_pb2,
+    importexport_pb2,
+    progress_pb2,
+    registry_pb2,
+)
 from ctrd.errors import InvalidArgument, Unimplemented, Unavailable
+from ctrd.oci.descriptor import Platform
 
 from ..plugin import INTERNAL, TRANSFER, InitContext
 from ..remotes.auth import Credentials, CredentialsFunc
-from ..remotes.descriptor import Platform
-from ..remotes.platforms import Matcher
+from ..remotes.platforms import Matcher, host
 from ..remotes.resolver import Resolver
+from ..transfer.archive_export import ExportOptions
+from ..transfer.archive_import import ImageReference, ImportOptions
 from ..transfer.local import LocalTransfer
 from ..transfer.progress import Progress
 from ..transfer.pull import PullOptions, UnpackTarget
 from ..transfer.push import PushOptions
-from ..transfer.streams import Stream, StreamManager
+from ..transfer.streams import Stream, StreamManager, receive_data, send_data
 from .context import namespace
 
 log = structlog.get_logger()
@@ -132,6 +139,14 @@ class TransferService(pb_grpc.TransferServicer):
         if isinstance(source, imagestore_pb2.ImageStore) and \
                 isinstance(destination, registry_pb2.OCIRegistry):
             return lambda progress: self._push(ns, source, destination, progress)
+        if isinstance(source, importexport_pb2.ImageImportStream):
+            if isinstance(destination, imagestore_pb2.ImageStore):
+                return lambda progress: self._import(ns, source, destination, progress)
+            if isinstance(destination, importexport_pb2.ImageExportStream):
+                return lambda progress: self._echo(ns, source, destination)
+        if isinstance(source, imagestore_pb2.ImageStore) and \
+                isinstance(destination, importexport_pb2.ImageExportStream):
+            return lambda progress: self._export(ns, source, destination, progress)
         raise Unimplemented(f"method Transfer not implemented for "
                             f"{type(source).DESCRIPTOR.full_name} to "
                             f"{type(destination).DESCRIPTOR.full_name}")
@@ -157,6 +172,58 @@ class TransferService(pb_grpc.TransferServicer):
         options = PushOptions(platforms=Matcher.of([_platform(p) for p in store.platforms]))
         await self.local.push(ns, image, ref, options,
                               resolver=self._resolver(ns, destination), progress=progress)
+
+
+    async def _import(self, ns: str, source: importexport_pb2.ImageImportStream,
+                      store: imagestore_pb2.ImageStore, progress: _ProgressSender | None) -> None:
+        stream = self.streams.get(ns, source.stream)
+        options = ImportOptions(
+            image_name=store.name,
+            references=[ImageReference(r.name, r.is_prefix, r.allow_overwrite, r.add_digest,
+                                       r.skip_named_digest) for r in store.extra_references],
+            labels=dict(store.labels),
+            platforms=Matcher.of([_platform(p) for p in store.platforms]),
+            manifest_limit=store.manifest_limit,
+            unpack=[UnpackTarget(_platform(u.platform), u.snapshotter) for u in store.unpacks],
+            force_compress=source.force_compress)
+        chunks = receive_data(stream)
+        try:
+            await self.local.import_archive(ns, chunks, options, progress=progress)
+        finally:
+            await chunks.aclose()
+            # Ends the client's side too: a sender still waiting for a window stops.
+            stream.close()
+
+    async def _export(self, ns: str, store: imagestore_pb2.ImageStore,
+                      destination: importexport_pb2.ImageExportStream,
+                      progress: _ProgressSender | None) -> None:
+        stream = self.streams.get(ns, destination.stream)
+        names = [store.name, *store.export_images,
+                 *(r.name for r in store.extra_references if not r.is_prefix)]
+        wanted = [_platform(p) for p in destination.platforms] or [host()]
+        options = ExportOptions(
+            names=[n for n in names if n], platforms=Matcher.of(wanted),
+            all_platforms=destination.all_platforms,
+            skip_docker_manifest=destination.skip_docker_manifest,
+            skip_non_distributable=destination.skip_non_distributable)
+        try:
+            await self.local.export_archive(ns, options, lambda data: send_data(stream, data),
+                                            progress=progress)
+        finally:
+            stream.close()
+
+    async def _echo(self, ns: str, source: importexport_pb2.ImageImportStream,
+                    destination: importexport_pb2.ImageExportStream) -> None:
+        """Bytes in, the same bytes out (containerd keeps this for testing streams)."""
+        inbound = self.streams.get(ns, source.stream)
+        outbound = self.streams.get(ns, destination.stream)
+        chunks = receive_data(inbound)
+        try:
+            await send_data(outbound, chunks)
+        finally:
+            await chunks.aclose()
+            inbound.close()
+            outbound.close()
 
 
 def init(ctx: InitContext) -> TransferService:

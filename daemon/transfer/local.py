@@ -14,12 +14,13 @@ Configuration (``[plugins."io.containerd.transfer.v1.local"]``)::
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from ctrd.errors import InvalidArgument
 from ctrd.reference import Reference
 
 from ..metadata.images import Image
@@ -29,8 +30,10 @@ from ..remotes.hosts import DEFAULT_CONFIG_DIR, HostsConfig
 from ..remotes.resolver import Resolver
 from ..remotes.transport import ClientOptions, HTTPPool
 from ..unpack import Unpacker
+from .archive_export import ArchiveExporter, ExportOptions
+from .archive_import import ArchiveImporter, ImportOptions
 from .progress import ProgressFunc, Tracker
-from .pull import Puller, PullOptions, Stores
+from .pull import Puller, PullOptions, Stores, lease_for
 from .push import Pusher, PushOptions
 from .unpacking import starter
 
@@ -100,6 +103,36 @@ class LocalTransfer:
         tracker = Tracker(progress, str(ref), "uploading")
         await Pusher(self.stores, namespace, resolver.repository(ref), options, tracker).run(image)
         log.info("push done", namespace=namespace, image=image.name, ref=str(ref))
+
+    async def import_archive(self, namespace: str, chunks: AsyncIterator[bytes],
+                             options: ImportOptions, *,
+                             progress: ProgressFunc | None = None) -> list[Image]:
+        """Read an image archive from ``chunks`` into the stores; the images named."""
+        tracker = Tracker(progress, "import")
+        tracker.emit("Importing")
+        log.info("import started", namespace=namespace)
+        async with lease_for(self.stores, namespace, None) as lease:
+            images = await ArchiveImporter(self.stores, namespace, options, tracker,
+                                           lease).run(chunks)
+        tracker.emit("Completed import")
+        log.info("import done", namespace=namespace, images=[i.name for i in images])
+        return images
+
+    async def export_archive(self, namespace: str, options: ExportOptions,
+                             send: Callable[[AsyncIterator[bytes]], Awaitable[None]], *,
+                             progress: ProgressFunc | None = None) -> None:
+        """Write the named images as an OCI archive: ``send`` gets its bytes."""
+        if not options.names:
+            raise InvalidArgument("no image to export: name at least one")
+        images = [await self.stores.images.get(namespace, name)
+                  for name in dict.fromkeys(options.names)]
+        tracker = Tracker(progress, "export", "exporting")
+        async with lease_for(self.stores, namespace, None):
+            generate = await ArchiveExporter(self.stores, namespace, options,
+                                             tracker).prepare(images)
+            await send(generate())
+        tracker.emit("Completed export")
+        log.info("export done", namespace=namespace, images=options.names)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -34,8 +34,23 @@ class Stream:
             await self._context.write(protoutil.pack(msg))
 
     async def recv(self) -> Message:
-        """The next message from the client; EOFError when the client is done sending."""
-        item = await self._context.read()
+        """The next message from the client; EOFError when the client is done sending
+        or the stream went away (a read alone would wait forever on a dead call)."""
+        if self._closed.is_set():
+            raise EOFError("stream closed")
+        read = asyncio.ensure_future(self._context.read())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({read, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if not read.done():
+            read.cancel()
+            raise EOFError("stream closed")
+        try:
+            item = read.result()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+            raise EOFError(f"stream failed: {exc}") from None
         if item is grpc.aio.EOF:
             raise EOFError("stream ended")
         assert isinstance(item, any_pb2.Any)
@@ -96,7 +111,11 @@ async def send_data(stream: Stream, chunks: AsyncIterator[bytes], max_message: i
         view = memoryview(chunk)
         while view:
             while remaining <= 0:
-                msg = await stream.recv()
+                try:
+                    msg = await stream.recv()
+                except EOFError:
+                    raise Unavailable("the receiver closed the stream before the end "
+                                      "of the data") from None
                 if isinstance(msg, streaming_pb2.WindowUpdate):
                     remaining += msg.update
             size = min(len(view), remaining, max_message)
