@@ -115,7 +115,8 @@ class Daemon:
         return result
 
     def shim_pids(self) -> list[int]:
-        """Shims serving this daemon: they are told its socket on their command line."""
+        """Shims serving this daemon: they are told its socket on their command line
+        (the script is the third word when the interpreter has flags: ``python -IS``)."""
         pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -125,7 +126,21 @@ class Daemon:
             except OSError:
                 continue
             if any(arg.startswith(b"containerd-shim") or b"/containerd-shim" in arg
-                   for arg in argv[:2]) and self.address.encode() in argv:
+                   for arg in argv[:3]) and self.address.encode() in argv:
+                pids.append(int(entry.name))
+        return pids
+
+    def child_pids(self) -> list[int]:
+        """The daemon's own children (ctrd's shim zygote; shims are not among them)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
                 pids.append(int(entry.name))
         return pids
 

@@ -177,14 +177,23 @@ def _parallel(commands: list[list[str]], daemon: Daemon) -> None:
         raise failures[0]
 
 
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def _memory(pids: set[int]) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over ``pids``. RSS counts a page shared by several of
+    them once per process (a forking zygote's pages once per shim); PSS splits each
+    page among its sharers, so the sum is what they cost together."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            if key == "Rss":
+                rss += int(rest.split()[0]) * 1024
+            elif key == "Pss":
+                pss += int(rest.split()[0]) * 1024
+    return rss, pss
 
 
 # ---------------------------------------------------------------------------
@@ -322,6 +331,7 @@ class Concurrent(Workload):
         n = settings.concurrent
         self.metrics = (
             Metric("concurrent.start", f"{n} concurrent run -d", "s"),
+            Metric("concurrent.pss", f"PSS per container, {n} running (daemon+shims)", "MiB"),
             Metric("concurrent.rss", f"RSS per container, {n} running (daemon+shims)", "MiB"),
             Metric("concurrent.teardown", f"{n} concurrent kill+rm", "s"),
         )
@@ -334,15 +344,16 @@ class Concurrent(Workload):
         ids = [bench.unique(daemon, "conc") for _ in range(n)]
         start = timed(_parallel, [daemon.ctr_cmd("run", "-d", bench.busybox.name, cid,
                                                  "sleep", "3600") for cid in ids], daemon)
-        # The daemon and its shims only: the containers' own processes are the same
-        # busybox in both cases and would only blur the difference.
-        pids = {daemon.pid, *daemon.shim_pids()}
-        rss = sum(_rss_bytes(pid) for pid in pids) / n / MIB
+        # The daemon, its helpers (ctrd's shim zygote) and its shims only: the
+        # containers' own processes are the same busybox in both cases and would only
+        # blur the difference.
+        rss, pss = _memory({daemon.pid, *daemon.child_pids(), *daemon.shim_pids()})
         teardown = timed(_parallel, [daemon.ctr_cmd("tasks", "delete", "--force", cid)
                                      for cid in ids], daemon)
         teardown += timed(_parallel, [daemon.ctr_cmd("containers", "delete", cid)
                                       for cid in ids], daemon)
-        return {"concurrent.start": start, "concurrent.rss": rss,
+        return {"concurrent.start": start, "concurrent.pss": pss / n / MIB,
+                "concurrent.rss": rss / n / MIB,
                 "concurrent.teardown": teardown}
 
 

@@ -33,5 +33,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[dev]'
+# pip has just rewritten the shim's console script; make it the lean launcher again.
+.venv/bin/python -m ctrd.shim.launcher >/dev/null
 .venv/bin/python scripts/genproto.py >/dev/null
 echo "setup: ready (.venv/bin/ctrd, .venv/bin/ctrctl, .venv/bin/containerd-shim-ctrd-v2)"

@@ -80,7 +80,8 @@ class ShimCommand:
         return [self.binary, "-namespace", bundle.namespace, "-address", self.daemon_address,
                 "-publish-binary", self.publish_binary, *args]
 
-    def _env(self, bundle: Bundle) -> dict[str, str]:
+    def env(self, bundle: Bundle) -> dict[str, str]:
+        """The environment of every invocation, and of a shim the zygote forks."""
         env = dict(os.environ)
         env.update({
             "TTRPC_ADDRESS": self.ttrpc_address,
@@ -97,7 +98,7 @@ class ShimCommand:
         args = ["-id", bundle.id] + (["-debug"] if self.debug else []) + ["start"]
         stdin = options.SerializeToString() if options is not None else b""
         proc = await asyncio.create_subprocess_exec(
-            *self._argv(bundle, *args), cwd=bundle.path, env=self._env(bundle),
+            *self._argv(bundle, *args), cwd=bundle.path, env=self.env(bundle),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, process_group=0)
         try:
@@ -111,9 +112,13 @@ class ShimCommand:
             raise FailedPrecondition(f"{text}: exit status {proc.returncode}")
         if not text:
             raise FailedPrecondition(f"shim {self.binary} start printed no address")
-        # Saved so that recovery runs the same binary even if the table changed since.
-        bundle.file(BINARY_PATH_FILE).write_text(self.binary)
+        self.record(bundle)
         return text
+
+    def record(self, bundle: Bundle) -> None:
+        """Note the binary in the bundle: recovery and cleanup run the same one even if
+        the runtime table changed since."""
+        bundle.file(BINARY_PATH_FILE).write_text(self.binary)
 
     async def delete(self, bundle: Bundle, timeout: float) -> shim_pb2.DeleteResponse:
         """Run ``delete``: the shim binary cleans up after its dead long-lived self
@@ -121,7 +126,7 @@ class ShimCommand:
         args = ["-id", bundle.id, "-bundle", str(bundle.path), "delete"]
         cwd = bundle.path if bundle.path.is_dir() else Path("/")
         proc = await asyncio.create_subprocess_exec(
-            *self._argv(bundle, *args), cwd=cwd, env=self._env(bundle),
+            *self._argv(bundle, *args), cwd=cwd, env=self.env(bundle),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, process_group=0)
         try:

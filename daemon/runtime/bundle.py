@@ -8,6 +8,7 @@ persistent working folder under the plugin root.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,14 @@ class Bundle:
             return None
 
     def delete(self) -> None:
-        """Unmount the rootfs and remove the bundle and its work folder.
+        """Unmount the rootfs and remove the bundle and its work folder."""
+        remove_trees(self.detach())
 
-        Each folder is first renamed to a hidden name so that a crash half way leaves
-        nothing that recovery would take for a live bundle."""
+    def detach(self) -> list[Path]:
+        """Unmount the rootfs and move the bundle and its work folder out of the way,
+        under hidden names that nothing takes for a live bundle; returns those, for
+        :func:`remove_trees` (the slow part, which need not hold up a caller: the
+        task's id is free again as soon as this returns)."""
         work = None
         try:
             work = os.readlink(self.path / "work")
@@ -57,18 +62,25 @@ class Bundle:
         except OSError:
             # Not empty: something was written into the bare folder; the rename below takes it.
             pass
-        _atomic_delete(self.path)
+        hidden = [_hide(self.path)]
         if work:
-            _atomic_delete(Path(work))
+            hidden.append(_hide(Path(work)))
+        return [h for h in hidden if h is not None]
 
 
-def _atomic_delete(path: Path) -> None:
-    hidden = path.with_name("." + path.name)
+def _hide(path: Path) -> Path | None:
+    # Unique: the tree of an earlier task of the same id may still be on its way out.
+    hidden = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
         os.rename(path, hidden)
     except FileNotFoundError:
-        return
-    shutil.rmtree(hidden, ignore_errors=True)
+        return None
+    return hidden
+
+
+def remove_trees(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def create(state: Path, root: Path, namespace: str, id_: str, spec: bytes) -> Bundle:
@@ -100,7 +112,8 @@ def create(state: Path, root: Path, namespace: str, id_: str, spec: bytes) -> Bu
 
 
 def load_all(state: Path) -> list[Bundle]:
-    """Every bundle on disk, skipping hidden (half deleted) folders."""
+    """Every bundle on disk; hidden folders (deleted, or half deleted by a daemon that
+    stopped meanwhile) are removed."""
     found = []
     if not state.is_dir():
         return found
@@ -108,7 +121,11 @@ def load_all(state: Path) -> list[Bundle]:
         if not ns_dir.is_dir() or ns_dir.name.startswith("."):
             continue
         for b in sorted(ns_dir.iterdir()):
-            if b.is_dir() and not b.name.startswith("."):
+            if not b.is_dir():
+                continue
+            if b.name.startswith("."):
+                shutil.rmtree(b, ignore_errors=True)
+            else:
                 found.append(Bundle(b.name, ns_dir.name, b))
     return found
 

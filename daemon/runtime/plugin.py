@@ -35,4 +35,5 @@ async def init_task_manager(ctx: InitContext) -> TaskManager:
         debug=ctx.config.log_level == "debug")
     manager = TaskManager(config, ctx.get(EVENT), runtime_of)
     await manager.load_existing()
+    manager.start_zygote()
     return manager

@@ -24,8 +24,9 @@ from google.protobuf import any_pb2
 
 from ctrd.api.containerd.events import task_pb2 as ev
 from ctrd.api.containerd.types import mount_pb2
-from ctrd.errors import AlreadyExists, CtrdError, NotFound
+from ctrd.errors import AlreadyExists, CtrdError, NotFound, Unavailable
 from ctrd.protoutil import timestamp
+from ctrd.shim.zygote import SpawnRequest
 from ctrd.ttrpc import aio
 from ctrd.ttrpc.codec import ClosedError
 
@@ -34,6 +35,7 @@ from . import bundle as bundles
 from .binary import BINARY_PATH_FILE, ShimCommand, resolve
 from .shimlog import ShimLog
 from .task import IO, Exit, ShimTask
+from .zygote import SOCKET_NAME, ShimZygote, is_zygote_capable
 
 log = structlog.get_logger()
 
@@ -100,6 +102,7 @@ class TaskManager:
         self._background: set[asyncio.Task] = set()
         self._closing = False
         self._publish_binary = publish_binary()
+        self._zygote: ShimZygote | None = None
 
     # -- lookups -----------------------------------------------------------
 
@@ -112,6 +115,22 @@ class TaskManager:
     def list(self, namespace: str | None = None) -> list[ShimTask]:
         return [t for (ns, _), t in sorted(self._tasks.items())
                 if namespace is None or ns == namespace]
+
+    # -- the shim zygote --------------------------------------------------
+
+    def start_zygote(self) -> None:
+        """Run our shim's zygote if a configured runtime is served by our shim."""
+        search = (os.path.dirname(self._publish_binary),)
+        for runtime in self.config.shims:
+            try:
+                binary = resolve(runtime, self.config.shims, search)
+            except CtrdError:
+                continue
+            if is_zygote_capable(binary):
+                self._zygote = ShimZygote(binary, str(self.config.state / SOCKET_NAME),
+                                          self.config.state, self.config.debug)
+                self._zygote.start()
+                return
 
     # -- create / delete ---------------------------------------------------
 
@@ -152,7 +171,7 @@ class TaskManager:
         command = self._command(binary)
         shim_log = ShimLog(bundle)
         try:
-            address = await command.start(bundle, options, START_TIMEOUT)
+            address = await self._launch(command, bundle, options)
             task = await self._connect(bundle, address, command, shim_log)
         except BaseException:
             shim_log.close()
@@ -160,6 +179,26 @@ class TaskManager:
         log.info("shim started", id=bundle.id, namespace=bundle.namespace, binary=binary,
                  address=address)
         return task
+
+    async def _launch(self, command: ShimCommand, bundle: bundles.Bundle,
+                      options: any_pb2.Any | None) -> str:
+        """Start the shim, forked by the zygote when it serves this binary, else by
+        exec'ing the binary's ``start``; returns the shim's address."""
+        zygote = self._zygote
+        if zygote is not None and zygote.serves(command.binary):
+            request = SpawnRequest(
+                bundle.namespace, bundle.id, str(bundle.path), self.config.address,
+                self.config.ttrpc_address, self.config.debug, env=command.env(bundle),
+                options=options.SerializeToString() if options is not None else b"")
+            try:
+                address = await zygote.spawn(request, START_TIMEOUT)
+            except Unavailable as exc:
+                log.info("shim zygote unavailable, exec'ing start", id=bundle.id,
+                         namespace=bundle.namespace, error=str(exc))
+            else:
+                command.record(bundle)
+                return address
+        return await command.start(bundle, options, START_TIMEOUT)
 
     async def _connect(self, bundle: bundles.Bundle, address: str, command: ShimCommand,
                        shim_log: ShimLog) -> ShimTask:
@@ -189,9 +228,12 @@ class TaskManager:
             log.warning("shim shutdown failed", id=task.id, error=str(exc))
         await task.close()
         try:
-            await asyncio.to_thread(task.bundle.delete)
+            hidden = await asyncio.to_thread(task.bundle.detach)
         except OSError as exc:
             log.error("bundle delete failed", id=task.id, error=str(exc))
+            return
+        # The id is free again; removing the files need not hold up the caller.
+        self._spawn(asyncio.to_thread(bundles.remove_trees, hidden))
 
     async def delete(self, namespace: str, id_: str) -> Exit:
         task = self.get(namespace, id_)
@@ -309,6 +351,8 @@ class TaskManager:
     async def aclose(self) -> None:
         """Daemon shutdown: let go of the shims, which keep their tasks running."""
         self._closing = True
+        if self._zygote is not None:
+            await self._zygote.aclose()
         for job in list(self._background):
             try:
                 await asyncio.wait_for(asyncio.shield(job), CLEANUP_TIMEOUT + 1)

@@ -94,7 +94,7 @@ def shim_pids(address: str) -> list[int]:
         except OSError:
             continue
         if b"-address" in argv and address.encode() in argv and any(
-                b"containerd-shim" in a for a in argv[:2]):
+                b"containerd-shim" in a for a in argv[:3]):  # python -IS <script>
             pids.append(int(proc.name))
     return pids
 
@@ -122,6 +122,10 @@ def remove_everything(daemon: CtrdProcess) -> None:
 
 def leftovers(daemon: CtrdProcess, ids: list[str], namespace: str = "default") -> list[str]:
     """What a test left behind: shims, runc containers, cgroups, mounts."""
+    # A shim answers Shutdown before it exits: give the last ones a moment.
+    deadline = time.monotonic() + 5
+    while shim_pids(daemon.address) and time.monotonic() < deadline:
+        time.sleep(0.1)
     found = [f"shim pid {p}" for p in shim_pids(daemon.address)]
     for cid in ids:
         if (RUNC_ROOT / namespace / cid).exists():
