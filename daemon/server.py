@@ -61,11 +61,11 @@ class Daemon:
         Path(self.config.state).mkdir(parents=True, exist_ok=True, mode=0o711)
         await self.registry.start()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.metrics)],
             options=[("grpc.max_receive_message_length", self.config.max_recv_message_size),
                      ("grpc.max_send_message_length", self.config.max_send_message_size)])
+        registrar = ErrorInterceptor(self.metrics).registrar(self.server)
         for service in self.registry.get_all(GRPC).values():
-            service.register(self.server)
+            service.register(registrar)
         self._bind()
         await self.server.start()
         self._secure_socket()

@@ -98,19 +98,37 @@ def _dump_extensions(ext: dict[str, AnyValue]) -> str:
 
 
 def _load_extensions(text: str) -> dict[str, AnyValue]:
-    return {k: AnyValue(t, base64.b64decode(v)) for k, (t, v) in json.loads(text or "{}").items()}
+    if not text or text == "{}":
+        return {}  # the usual case, not worth a JSON parse per row of a listing
+    return {k: AnyValue(t, base64.b64decode(v)) for k, (t, v) in json.loads(text).items()}
 
 
-def _row(row: sqlite3.Row) -> Container:
-    options = (AnyValue(row["runtime_options_type"], bytes(row["runtime_options"] or b""))
-               if row["runtime_options"] is not None else None)
-    spec = AnyValue(row["spec_type"], bytes(row["spec"] or b"")) if row["spec"] is not None else None
+def _load_labels(text: str) -> dict[str, str]:
+    return {} if text == "{}" else labelutil.loads(text)
+
+
+# Read as plain tuples, in this order: listings of a thousand containers are built
+# row by row, and tuple indexing is much cheaper than sqlite3.Row lookups by name.
+_COLUMNS = ("id, runtime_name, runtime_options_type, runtime_options, spec_type, spec, labels, "
+            "image, snapshotter, snapshot_key, extensions, sandbox, created_at, updated_at")
+
+
+def _row(row: tuple) -> Container:
+    (cid, runtime_name, options_type, options, spec_type, spec, labels, image, snapshotter,
+     snapshot_key, extensions, sandbox, created_at, updated_at) = row
     return Container(
-        id=row["id"], runtime_name=row["runtime_name"], runtime_options=options, spec=spec,
-        labels=labelutil.loads(row["labels"]), image=row["image"],
-        snapshotter=row["snapshotter"], snapshot_key=row["snapshot_key"],
-        extensions=_load_extensions(row["extensions"]), sandbox=row["sandbox"],
-        created_at=row["created_at"], updated_at=row["updated_at"])
+        id=cid, runtime_name=runtime_name,
+        runtime_options=AnyValue(options_type, bytes(options)) if options is not None else None,
+        spec=AnyValue(spec_type, bytes(spec)) if spec is not None else None,
+        labels=_load_labels(labels), image=image, snapshotter=snapshotter,
+        snapshot_key=snapshot_key, extensions=_load_extensions(extensions), sandbox=sandbox,
+        created_at=created_at, updated_at=updated_at)
+
+
+def _select(conn: sqlite3.Connection, where: str, args: tuple) -> list[tuple]:
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur.execute(f"SELECT {_COLUMNS} FROM containers WHERE {where}", args).fetchall()
 
 
 def _write(conn: sqlite3.Connection, ns: str, c: Container, insert: bool) -> None:
@@ -140,8 +158,8 @@ def _write(conn: sqlite3.Connection, ns: str, c: Container, insert: bool) -> Non
 
 
 def _get(conn: sqlite3.Connection, ns: str, cid: str) -> Container | None:
-    row = conn.execute("SELECT * FROM containers WHERE namespace=? AND id=?", (ns, cid)).fetchone()
-    return _row(row) if row is not None else None
+    rows = _select(conn, "namespace=? AND id=?", (ns, cid))
+    return _row(rows[0]) if rows else None
 
 
 class ContainerStore:
@@ -159,9 +177,9 @@ class ContainerStore:
             matcher = filters.parse_all(list(filter_exprs))
         except InvalidArgument as exc:
             raise InvalidArgument(f"{exc}: invalid argument") from None
-        rows = await self.db.read(lambda conn: conn.execute(
-            "SELECT * FROM containers WHERE namespace=? ORDER BY id", (ns,)).fetchall())
-        return [c for c in map(_row, rows) if matcher.match(c.field)]
+        rows = await self.db.read(lambda conn: _select(conn, "namespace=? ORDER BY id", (ns,)))
+        found = list(map(_row, rows))
+        return [c for c in found if matcher.match(c.field)] if filter_exprs else found
 
     async def create(self, ns: str, container: Container) -> Container:
         try:

@@ -170,6 +170,18 @@ class ContentService:
                    size: int = 0) -> AsyncIterator[bytes]:
         """Chunks of the blob; the whole-blob case is verified (see the store)."""
         _check_digest(digest)
+        recorded = await self._recorded_size(namespace, digest)
+        return self.store.read(digest, offset, size, expected_size=recorded)
+
+    async def read_small(self, namespace: str, digest: str, offset: int, size: int) -> bytes:
+        """One small range in one piece (see the store's ``read_small``); while the
+        blob's record is cached, this neither queries the database nor leaves the loop."""
+        _check_digest(digest)
+        recorded = await self._recorded_size(namespace, digest)
+        return await self.store.read_small(digest, offset, size, expected_size=recorded)
+
+    async def _recorded_size(self, namespace: str, digest: str) -> int:
+        """The size the namespace's record gives ``digest``; NotFound without a record."""
         generation = self.db.generation
         if generation != self._sizes_generation:
             self._sizes = {}
@@ -182,7 +194,7 @@ class ContentService:
             recorded = row["size"]
             if self.db.generation == generation and len(self._sizes) < 1024:
                 self._sizes[(namespace, digest)] = recorded
-        return self.store.read(digest, offset, size, expected_size=recorded)
+        return recorded
 
     # ---------------------------------------------------------------- ingests
 

@@ -10,7 +10,6 @@ from ctrd.api.containerd.events import container_pb2 as ev
 from ctrd.api.containerd.services.containers.v1 import containers_pb2 as pb
 from ctrd.api.containerd.services.containers.v1 import containers_pb2_grpc as pb_grpc
 from ctrd.errors import InvalidArgument
-from ctrd.protoutil import timestamp
 
 from ..events.exchange import Exchange
 from ..metadata.containers import AnyValue, Container, ContainerStore
@@ -44,17 +43,38 @@ def container_from_pb(c: pb.Container) -> Container:
 
 
 def container_to_pb(c: Container) -> pb.Container:
-    msg = pb.Container(id=c.id, labels=c.labels, image=c.image, snapshotter=c.snapshotter,
-                       snapshot_key=c.snapshot_key,
-                       created_at=timestamp(c.created_at), updated_at=timestamp(c.updated_at))
-    msg.runtime.name = c.runtime_name
+    return fill_container(pb.Container(), c)
+
+
+def fill_container(msg: pb.Container, c: Container) -> pb.Container:
+    """Set ``c`` into ``msg`` in place.
+
+    Listings build a thousand of these: with upb, setting fields on embedded messages
+    costs about half as much as building sub-messages and copying them in, and
+    filling a list's own elements saves copying each container once more."""
+    msg.id = c.id
+    if c.labels:
+        msg.labels.update(c.labels)
+    msg.image = c.image
+    runtime = msg.runtime
+    runtime.name = c.runtime_name
     if c.runtime_options is not None:
-        msg.runtime.options.CopyFrom(value_to_any(c.runtime_options))
+        _set_any(runtime.options, c.runtime_options)
     if c.spec is not None:
-        msg.spec.CopyFrom(value_to_any(c.spec))
+        _set_any(msg.spec, c.spec)
+    msg.snapshotter = c.snapshotter
+    msg.snapshot_key = c.snapshot_key
+    created, updated = msg.created_at, msg.updated_at
+    created.seconds, created.nanos = divmod(c.created_at, 1_000_000_000)
+    updated.seconds, updated.nanos = divmod(c.updated_at, 1_000_000_000)
     for key, value in c.extensions.items():
-        msg.extensions[key].CopyFrom(value_to_any(value))
+        _set_any(msg.extensions[key], value)
     return msg
+
+
+def _set_any(target: any_pb2.Any, value: AnyValue) -> None:
+    target.type_url = value.type_url
+    target.value = value.value
 
 
 class ContainersService(pb_grpc.ContainersServicer):
@@ -73,13 +93,19 @@ class ContainersService(pb_grpc.ContainersServicer):
     async def List(self, request: pb.ListContainersRequest,
                    context) -> pb.ListContainersResponse:
         found = await self.store.list(rpcctx.namespace(context), list(request.filters))
-        return pb.ListContainersResponse(containers=[container_to_pb(c) for c in found])
+        response = pb.ListContainersResponse()
+        add = response.containers.add
+        for c in found:
+            fill_container(add(), c)
+        return response
 
     async def ListStream(self, request: pb.ListContainersRequest,
                          context) -> AsyncIterator[pb.ListContainerMessage]:
         found = await self.store.list(rpcctx.namespace(context), list(request.filters))
         for c in found:
-            yield pb.ListContainerMessage(container=container_to_pb(c))
+            msg = pb.ListContainerMessage()
+            fill_container(msg.container, c)
+            yield msg
 
     async def Create(self, request: pb.CreateContainerRequest,
                      context) -> pb.CreateContainerResponse:
