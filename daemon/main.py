@@ -51,11 +51,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        asyncio.run(Daemon(config).serve())
+        _run(Daemon(config))
     except CtrdError as exc:
         structlog.get_logger().error("ctrd failed", error=str(exc))
         return 1
     return 0
+
+
+def _run(daemon: Daemon, straggler_timeout: float = 5.0) -> None:
+    """Serve until stopped, then make sure the process really ends.
+
+    asyncio.run would wait forever for a task that ignores cancellation (a stuck
+    stream handler, say), leaving a daemon that answers SIGTERM by hanging. Here such
+    tasks get a bounded grace period and are logged by name so the bug can be found.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(daemon.serve())
+        loop.run_until_complete(_cancel_leftovers(straggler_timeout))
+    finally:
+        loop.close()
+
+
+async def _cancel_leftovers(timeout: float) -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        structlog.get_logger().warning(
+            "tasks ignored cancellation at shutdown", tasks=[t.get_name() for t in pending],
+            coroutines=[repr(t.get_coro()) for t in pending])
 
 
 if __name__ == "__main__":
