@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers.containerd_ref import remove_namespace_dirs  # noqa: E402
 from helpers.ctrd_proc import CtrdProcess, new_base  # noqa: E402
 
 
@@ -20,6 +21,9 @@ def _cleanup(base: Path) -> None:
     for target in sorted((m for m in mounts if m.startswith(str(base))), reverse=True):
         subprocess.run(["umount", "-l", target], check=False)
     shutil.rmtree(base, ignore_errors=True)
+    # Containers' parent cgroups (/<namespace>) outlive them, as under containerd; only
+    # empty ones are removed, so a cgroup in use elsewhere stays.
+    remove_namespace_dirs(["default"])
 
 
 @pytest.fixture

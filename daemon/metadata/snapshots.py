@@ -190,11 +190,20 @@ class SnapshotStore:
     async def cleanup_orphans(self, snapshotter_name: str) -> list[str]:
         """Remove backend snapshots that no row of any namespace refers to, leaves first."""
         backend = self.backend(snapshotter_name)
-        referenced = set(await self.db.read(lambda c: [r[0] for r in c.execute(
-            "SELECT backend_key FROM snapshots WHERE snapshotter=?", (snapshotter_name,))]))
+
+        def orphans(conn: sqlite3.Connection) -> list:
+            # On the writer thread, so no Prepare/Commit (which create the backend snapshot
+            # inside their own write transaction) can slip in between reading the rows
+            # and walking the backend. Once an orphan, always one: new rows only name new
+            # backend keys or backend keys that have rows.
+            referenced = {r[0] for r in conn.execute(
+                "SELECT backend_key FROM snapshots WHERE snapshotter=?", (snapshotter_name,))}
+            return [i for i in backend.walk() if i.name not in referenced]
+
+        candidates = await self.db.write(orphans)
 
         def sweep() -> list[str]:
-            infos = [i for i in backend.walk() if i.name not in referenced]
+            infos = list(candidates)
             removed: list[str] = []
             progress = True
             while infos and progress:

@@ -193,7 +193,7 @@ class ContainerdRef:
         self._kill_own_shims()
         for ns, cid in leftovers:
             self._remove_shim_files(ns, cid)
-        _remove_namespace_dirs(namespaces + [ns for ns, _ in leftovers])
+        remove_namespace_dirs(namespaces + [ns for ns, _ in leftovers])
 
     def _leftover_containers(self) -> list[tuple[str, str]]:
         """(namespace, id) of bundles left when the daemon died before deleting them."""
@@ -226,7 +226,7 @@ class ContainerdRef:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _remove_namespace_dirs(namespaces: list[str]) -> None:
+def remove_namespace_dirs(namespaces: list[str]) -> None:
     """Remove the per-namespace parent cgroups (``/<namespace>``) that `ctr run` leaves,
     and runc's per-namespace state folder.
 

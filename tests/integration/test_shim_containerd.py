@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.containerd_ref import remove_namespace_dirs
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -176,6 +178,7 @@ def _teardown(cd: Containerd, proc: subprocess.Popen[bytes]) -> None:
     for point in sorted(_mounts_under(cd.root), key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False)
     shutil.rmtree(f"/run/containerd/runc/{cd.namespace}", ignore_errors=True)
+    remove_namespace_dirs([cd.namespace])  # the /<namespace> parent cgroups ctr run makes
     shutil.rmtree(cd.root, ignore_errors=True)
 
 
