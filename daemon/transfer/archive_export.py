@@ -24,6 +24,7 @@ from ..metadata.images import Image
 from ctrd.oci.descriptor import Descriptor
 from ..remotes.platforms import Matcher
 from .archive_import import JSON_LIMIT, oci_ref_name
+from .jsonblob import read_json
 from .progress import Tracker
 from .pull import Stores
 from .tarstream import END, header, padding
@@ -149,18 +150,10 @@ class ArchiveExporter:
         if desc.size > JSON_LIMIT:
             raise InvalidArgument(f"{desc.digest} is too large to be a manifest")
         try:
-            chunks = [c async for c in await self.stores.content.read(self.namespace,
-                                                                      desc.digest)]
+            return await read_json(self.stores.content, self.namespace, desc.digest, desc.digest)
         except NotFound:
             raise NotFound(f"content {desc.digest} ({desc.media_type}) needed for the "
                            f"export is not in the content store") from None
-        try:
-            value = json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise InvalidArgument(f"{desc.digest} is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise InvalidArgument(f"{desc.digest} is not a JSON object")
-        return value
 
     async def _check(self, desc: Descriptor) -> None:
         try:

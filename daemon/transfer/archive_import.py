@@ -38,10 +38,12 @@ from ..diff.walking import UNCOMPRESSED_LABEL
 from ..metadata.images import Descriptor as ImageTarget
 from ..metadata.images import Image
 from ctrd.oci.descriptor import Descriptor, Platform
-from ..remotes.platforms import Matcher, normalize
-from .progress import Tracker, ref_key
-from .pull import GC_REF_CONTENT, Stores, UnpackTarget, store_image
+from ..remotes.platforms import Matcher
+from . import jsonblob
+from .progress import Tracker
+from .pull import GC_REF_CONTENT, Stores, store_image
 from .tarstream import REGULAR, SYMLINK, TarReader
+from .unpacking import UnpackTarget, config_platform, snapshotter_for, unpack_layers
 
 log = structlog.get_logger()
 
@@ -89,13 +91,6 @@ def _digest_of_path(path: str) -> str:
         return ""
     candidate = f"{parts[1]}:{parts[2]}"
     return candidate if digests.is_valid(candidate) else ""
-
-
-def _json_object(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
 
 
 def _dumps(value: Any) -> bytes:
@@ -181,9 +176,9 @@ class ArchiveImporter:
             if member.type != REGULAR:
                 continue
             if member.name == "oci-layout":
-                layout = _json_object(await reader.read_all(JSON_LIMIT), "oci-layout")
+                layout = jsonblob.parse(await reader.read_all(JSON_LIMIT), "oci-layout")
             elif member.name == "manifest.json":
-                docker_manifest = _json_object(await reader.read_all(JSON_LIMIT),
+                docker_manifest = jsonblob.parse(await reader.read_all(JSON_LIMIT),
                                                "manifest.json")
             elif member.name == "index.json":
                 data = await reader.read_all(JSON_LIMIT)
@@ -374,11 +369,8 @@ class ArchiveImporter:
         info = await self._info(dgst, what)
         if info.size > JSON_LIMIT:
             raise InvalidArgument(f"{what} {dgst} is too large ({info.size} bytes)")
-        chunks = [c async for c in await self.stores.content.read(self.namespace, dgst)]
-        value = _json_object(b"".join(chunks), f"{what} {dgst}")
-        if not isinstance(value, dict):
-            raise InvalidArgument(f"{what} {dgst} is not a JSON object")
-        return value
+        return await jsonblob.read_json(self.stores.content, self.namespace, dgst,
+                                        f"{what} {dgst}")
 
     async def _info(self, dgst: str, what: str) -> Any:
         try:
@@ -479,40 +471,18 @@ class ArchiveImporter:
         for manifest, platform in self._manifests:
             body = await self._read_json(manifest.digest, "manifest")
             config = Descriptor.from_json(body["config"])
-            layers = [Descriptor.from_json(layer) for layer in body.get("layers") or []]
+            # Only layer media types have a diff ID in the config's rootfs.
+            layers = [layer for layer in map(Descriptor.from_json, body.get("layers") or [])
+                      if mediatypes.is_layer(layer.media_type)]
             cfg = await self._read_json(config.digest, "image config")
-            if platform is None:
-                platform = Platform(cfg.get("os", ""), cfg.get("architecture", ""),
-                                    cfg.get("variant", ""))
-            snapshotter = next((t.snapshotter or self.stores.default_snapshotter
-                                for t in self.options.unpack
-                                if Matcher.of([t.platform]).match(normalize(platform))), None)
+            snapshotter = snapshotter_for(
+                self.options.unpack, config_platform(cfg) if platform is None else platform,
+                self.stores.default_snapshotter)
             if snapshotter is None or (manifest.digest, snapshotter) in done:
                 continue
             done.add((manifest.digest, snapshotter))
-            await self._unpack_one(manifest, config, layers, cfg, snapshotter)
-
-    async def _unpack_one(self, manifest: Descriptor, config: Descriptor,
-                          layers: list[Descriptor], cfg: dict[str, Any], snapshotter: str) -> None:
-        diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
-        layers = [layer for layer in layers if mediatypes.is_layer(layer.media_type)]
-        if len(diff_ids) != len(layers):
-            raise InvalidArgument(f"manifest {manifest.digest}: {len(layers)} layers but "
-                                  f"{len(diff_ids)} diff_ids in its config")
-        session = await self.stores.unpack(self.namespace, snapshotter, manifest, config, cfg,
-                                           self.lease)
-        try:
-            for layer, diff_id in zip(layers, diff_ids):
-                name = ref_key(layer)
-                self.tracker.emit("unpacking", name, parents=(ref_key(manifest),),
-                                  total=layer.size)
-                await session.apply(layer, diff_id)
-                self.tracker.emit("unpacked", name, parents=(ref_key(manifest),),
-                                  progress=layer.size, total=layer.size)
-            await session.commit()
-        except BaseException:
-            await session.abort()
-            raise
+            await unpack_layers(self.stores.unpack, self.namespace, self.lease, self.tracker,
+                                manifest, config, cfg, layers, snapshotter)
 
     # ---- image records
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -38,9 +38,11 @@ from ctrd.oci.descriptor import Descriptor, Platform
 from ..metadata.images import Descriptor as ImageTarget
 from ..metadata.images import Image
 from ..metadata.leases import EXPIRE_LABEL
-from ..remotes.platforms import Matcher, normalize
+from ..remotes.platforms import Matcher
 from ..remotes.registry import Repository
+from .jsonblob import read_json
 from .progress import Tracker, ref_key
+from .unpacking import UnpackStarter, UnpackTarget, config_platform, snapshotter_for, unpack_layers
 
 log = structlog.get_logger()
 
@@ -49,27 +51,6 @@ DISTRIBUTION_SOURCE = "containerd.io/distribution.source"
 # Writes to the content store go in chunks of about this size (one thread hop each).
 WRITE_CHUNK = 1 << 20
 TEMP_LEASE_LIFETIME = timedelta(hours=24)
-
-
-class UnpackSession(Protocol):
-    """Applies one image's layers, in order, into a snapshot chain."""
-
-    async def apply(self, layer: Descriptor, diff_id: str) -> None: ...
-
-    async def commit(self) -> None: ...
-
-    async def abort(self) -> None: ...
-
-
-# (namespace, snapshotter, manifest, config descriptor, config JSON, lease) -> session
-UnpackStarter = Callable[[str, str, Descriptor, Descriptor, dict[str, Any], str],
-                         Awaitable[UnpackSession]]
-
-
-@dataclass(frozen=True)
-class UnpackTarget:
-    platform: Platform
-    snapshotter: str = ""
 
 
 @dataclass
@@ -151,19 +132,40 @@ class _Buffered:
         self.tracker.moved(self.desc, self.offset)
 
 
-class Puller:
+class RegistryJob:
+    """What a pull and a push share: one repository, and blobs moved concurrently (at most
+    ``max_concurrent`` at a time), each once even when several manifests name it."""
+
+    def __init__(self, stores: Stores, namespace: str, repo: Repository, tracker: Tracker,
+                 max_concurrent: int) -> None:
+        self.stores = stores
+        self.namespace = namespace
+        self.repo = repo
+        self.tracker = tracker
+        self._limit = asyncio.Semaphore(max(1, max_concurrent))
+        self._blobs: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup  # set by run() around the whole transfer
+
+    def _blob(self, desc: Descriptor) -> asyncio.Task[None]:
+        """The (shared) transfer task of one blob; several manifests may share a layer."""
+        task = self._blobs.get(desc.digest)
+        if task is None:
+            task = self._group.create_task(self._move_blob(desc))
+            self._blobs[desc.digest] = task
+        return task
+
+    async def _move_blob(self, desc: Descriptor) -> None:
+        raise NotImplementedError
+
+
+class Puller(RegistryJob):
     """One pull: from ``repo`` into the stores of ``namespace``."""
 
     def __init__(self, stores: Stores, namespace: str, repo: Repository, options: PullOptions,
                  tracker: Tracker) -> None:
-        self.stores = stores
-        self.namespace = namespace
-        self.repo = repo
+        super().__init__(stores, namespace, repo, tracker, options.max_concurrent)
         self.options = options
-        self.tracker = tracker
         self.lease = ""
-        self._limit = asyncio.Semaphore(max(1, options.max_concurrent))
-        self._blobs: dict[str, asyncio.Task[None]] = {}
         self._source = {f"{DISTRIBUTION_SOURCE}.{repo.ref.domain}": repo.ref.path}
 
     async def run(self) -> list[Image]:
@@ -263,56 +265,21 @@ class Puller:
         if not self.options.unpack or self.stores.unpack is None:
             return None
         if platform is None:
-            cfg = await self._read_json(config)
-            platform = Platform(cfg.get("os", ""), cfg.get("architecture", ""),
-                                cfg.get("variant", ""))
-        for target in self.options.unpack:
-            if Matcher.of([target.platform]).match(normalize(platform)):
-                return target.snapshotter or self.stores.default_snapshotter
-        return None
+            platform = config_platform(await self._config_json(config))
+        return snapshotter_for(self.options.unpack, platform, self.stores.default_snapshotter)
 
     async def _unpack(self, manifest: Descriptor, config: Descriptor, layers: list[Descriptor],
                       snapshotter: str) -> None:
-        cfg = await self._read_json(config)
-        diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
-        if len(diff_ids) != len(layers):
-            raise InvalidArgument(
-                f"{manifest.digest}: {len(layers)} layers but {len(diff_ids)} diff_ids in config")
-        session = await self.stores.unpack(self.namespace, snapshotter, manifest, config, cfg,
-                                           self.lease)
-        try:
-            for layer, diff_id in zip(layers, diff_ids):
-                await self._blob(layer)
-                name = ref_key(layer)
-                self.tracker.emit("unpacking", name, parents=(ref_key(manifest),),
-                                  total=layer.size)
-                await session.apply(layer, diff_id)
-                self.tracker.emit("unpacked", name, parents=(ref_key(manifest),),
-                                  progress=layer.size, total=layer.size)
-            await session.commit()
-        except BaseException:
-            await session.abort()
-            raise
+        assert self.stores.unpack is not None  # _unpack_target chose no snapshotter otherwise
+        await unpack_layers(self.stores.unpack, self.namespace, self.lease, self.tracker,
+                            manifest, config, await self._config_json(config), layers,
+                            snapshotter, before_layer=self._blob)
 
-    async def _read_json(self, desc: Descriptor) -> dict[str, Any]:
-        chunks = [c async for c in await self.stores.content.read(self.namespace, desc.digest)]
-        try:
-            value = json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise InvalidArgument(f"{desc.digest}: config is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise InvalidArgument(f"{desc.digest}: config is not a JSON object")
-        return value
+    async def _config_json(self, config: Descriptor) -> dict[str, Any]:
+        return await read_json(self.stores.content, self.namespace, config.digest,
+                               f"{config.digest}: config")
 
     # ---- content
-
-    def _blob(self, desc: Descriptor) -> asyncio.Task[None]:
-        """The (shared) download task of one blob; several manifests may share a layer."""
-        task = self._blobs.get(desc.digest)
-        if task is None:
-            task = self._group.create_task(self._fetch_blob(desc))
-            self._blobs[desc.digest] = task
-        return task
 
     async def _commit_bytes(self, desc: Descriptor, data: bytes, labels: dict[str, str]) -> None:
         labels = {**labels, **self._source}
@@ -328,7 +295,7 @@ class Puller:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _fetch_blob(self, desc: Descriptor) -> None:
+    async def _move_blob(self, desc: Descriptor) -> None:
         if desc.size < 0:
             raise InvalidArgument(f"{desc.digest}: negative size")
         async with self._limit:

@@ -24,7 +24,7 @@ from ..metadata.images import Image
 from ..remotes.platforms import Matcher
 from ..remotes.registry import Repository
 from .progress import Tracker, ref_key
-from .pull import DISTRIBUTION_SOURCE, Stores, first_error
+from .pull import DISTRIBUTION_SOURCE, RegistryJob, Stores, first_error
 
 log = structlog.get_logger()
 
@@ -37,16 +37,11 @@ class PushOptions:
     include_nondistributable: bool = False
 
 
-class Pusher:
+class Pusher(RegistryJob):
     def __init__(self, stores: Stores, namespace: str, repo: Repository, options: PushOptions,
                  tracker: Tracker) -> None:
-        self.stores = stores
-        self.namespace = namespace
-        self.repo = repo
+        super().__init__(stores, namespace, repo, tracker, options.max_concurrent)
         self.options = options
-        self.tracker = tracker
-        self._limit = asyncio.Semaphore(max(1, options.max_concurrent))
-        self._blobs: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, image: Image) -> None:
         target = image.target
@@ -95,13 +90,6 @@ class Pusher:
             await self.repo.push_manifest(desc, data, tag)
         self.tracker.done(desc)
 
-    def _blob(self, desc: Descriptor) -> asyncio.Task[None]:
-        task = self._blobs.get(desc.digest)
-        if task is None:
-            task = self._group.create_task(self._push_blob(desc))
-            self._blobs[desc.digest] = task
-        return task
-
     async def _mount_sources(self, desc: Descriptor) -> tuple[str, ...]:
         try:
             info = await self.stores.content.info(self.namespace, desc.digest)
@@ -110,7 +98,7 @@ class Pusher:
         value = info.labels.get(f"{DISTRIBUTION_SOURCE}.{self.repo.ref.domain}", "")
         return tuple(r for r in value.split(",") if r and r != self.repo.ref.path)
 
-    async def _push_blob(self, desc: Descriptor) -> None:
+    async def _move_blob(self, desc: Descriptor) -> None:
         async with self._limit:
             sources = await self._mount_sources(desc)
 
