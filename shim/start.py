@@ -55,7 +55,13 @@ def _listen(address: str) -> socket.socket:
     path = _path(address)
     if len(path) > SOCKET_PATH_LIMIT:
         raise errors.InvalidArgument(f"{path}: unix socket path too long")
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return listen_private(path)
+
+
+def listen_private(path: str) -> socket.socket:
+    """A listening unix socket at ``path`` only its owner may connect to, in a
+    directory created private if missing."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

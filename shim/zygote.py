@@ -441,15 +441,7 @@ def _bind(path: str) -> socket.socket:
             raise errors.AlreadyExists(f"a zygote already listens on {path}")
         finally:
             probe.close()
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
+    sock = shim_start.listen_private(path)
     sock.setblocking(False)
     return sock
 

@@ -42,7 +42,7 @@ class Client:
         self._writer = writer
         self._on_close = on_close
         self._next_id = 1
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._pending: dict[int, asyncio.Future[framing.Frame]] = {}
         self._closed = False
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -93,11 +93,9 @@ class Client:
         if self._closed:
             raise ClosedError("ttrpc: closed")
         data = codec.encode_request(service, method, payload, timeout, metadata)
-        if len(data) > framing.MAX_MESSAGE:
-            raise codec.oversize_error(len(data))
         stream_id = self._next_id
         self._next_id += 2  # client streams are odd
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[framing.Frame] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = fut
         try:
             self._writer.write(framing.encode(stream_id, framing.TYPE_REQUEST, data))
@@ -112,7 +110,7 @@ class Client:
             raise ClosedError(f"ttrpc: send failed: {exc}") from None
         finally:
             self._pending.pop(stream_id, None)
-        return codec.decode_response(response)
+        return codec.decode_response_frame(response)
 
     async def close(self) -> None:
         self._closed = True
@@ -137,14 +135,8 @@ class Client:
                     break
                 for frame in decoder.feed(data):
                     fut = self._pending.pop(frame.stream_id, None)
-                    if fut is None or fut.done():
-                        continue  # answer to a call that gave up waiting
-                    if frame.payload is None:
-                        fut.set_exception(codec.oversize_error(frame.length))
-                    elif frame.type != framing.TYPE_RESPONSE:
-                        fut.set_exception(errors.Internal("ttrpc: unknown message type received"))
-                    else:
-                        fut.set_result(frame.payload)
+                    if fut is not None and not fut.done():  # else the call gave up waiting
+                        fut.set_result(frame)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -231,17 +223,11 @@ class Server:
                 if not data:
                     break
                 for frame in decoder.feed(data):
-                    if frame.payload is None:
-                        self._send(writer, frame.stream_id, codec.encode_error(
-                            errors.ResourceExhausted.code,
-                            str(codec.oversize_error(frame.length))))
-                    elif frame.type != framing.TYPE_REQUEST:
-                        continue  # unknown kinds are ignored for forward compatibility
-                    elif frame.stream_id % 2 != 1:
-                        self._send(writer, frame.stream_id, codec.encode_error(
-                            errors.InvalidArgument.code,
-                            "StreamID must be odd for client initiated streams"))
-                    else:
+                    refusal = codec.screen_request(frame)
+                    if refusal:
+                        self._send(writer, frame.stream_id, refusal)
+                    elif refusal is None:
+                        assert frame.payload is not None
                         h = asyncio.create_task(self._handle(writer, frame.stream_id, frame.payload))
                         handlers.add(h)
                         h.add_done_callback(handlers.discard)
@@ -255,15 +241,12 @@ class Server:
 
     async def _handle(self, writer: asyncio.StreamWriter, stream_id: int, data: bytes) -> None:
         try:
-            ctx, payload = codec.decode_request(data)
-            handler = self.registry.resolve(ctx.service, ctx.method)
+            ctx, handler, payload = self.registry.lookup(data)
             async with asyncio.timeout(ctx.timeout):
                 result = handler(ctx, payload)
                 if inspect.isawaitable(result):
                     result = await result
-            if not isinstance(result, bytes):
-                raise errors.Internal(f"ttrpc: handler for {ctx.method} returned no bytes")
-            response = codec.encode_response(result)
+            response = codec.result_response(ctx, result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure becomes a status for the caller
@@ -276,9 +259,5 @@ class Server:
 
     @staticmethod
     def _send(writer: asyncio.StreamWriter, stream_id: int, data: bytes) -> None:
-        if len(data) > framing.MAX_MESSAGE:
-            data = codec.encode_error(
-                errors.ResourceExhausted.code, str(codec.oversize_error(len(data)))
-            )
         if not writer.is_closing():
-            writer.write(framing.encode(stream_id, framing.TYPE_RESPONSE, data))
+            writer.write(codec.response_frame(stream_id, data))

@@ -38,7 +38,7 @@ def dial(address: str, timeout: float | None = 10.0) -> socket.socket:
 @dataclass(slots=True)
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
-    payload: bytes | None = None
+    frame: framing.Frame | None = None
     error: BaseException | None = None
 
 
@@ -85,8 +85,6 @@ class Client:
         metadata: Metadata | None = None,
     ) -> bytes:
         data = codec.encode_request(service, method, payload, timeout, metadata)
-        if len(data) > framing.MAX_MESSAGE:
-            raise codec.oversize_error(len(data))
         pending = _Pending()
         with self._lock:
             if self._closed is not None:
@@ -105,8 +103,8 @@ class Client:
             raise errors.DeadlineExceeded(f"ttrpc: {service}/{method} timed out after {timeout}s")
         if pending.error is not None:
             raise pending.error
-        assert pending.payload is not None
-        return codec.decode_response(pending.payload)
+        assert pending.frame is not None
+        return codec.decode_response_frame(pending.frame)
 
     def close(self) -> None:
         with self._lock:
@@ -145,12 +143,7 @@ class Client:
             pending = self._pending.pop(frame.stream_id, None)
         if pending is None:
             return  # a call that timed out locally; its late answer has no taker
-        if frame.payload is None:
-            pending.error = codec.oversize_error(frame.length)
-        elif frame.type != framing.TYPE_RESPONSE:
-            pending.error = errors.Internal("ttrpc: unknown message type received")
-        else:
-            pending.payload = frame.payload
+        pending.frame = frame
         pending.done.set()
 
     def _fail_all(self) -> None:
@@ -171,13 +164,9 @@ class _Conn:
         self.active = 0  # requests being handled, guarded by server._lock
 
     def send(self, stream_id: int, data: bytes) -> None:
-        if len(data) > framing.MAX_MESSAGE:
-            data = codec.encode_error(
-                errors.ResourceExhausted.code, str(codec.oversize_error(len(data)))
-            )
         with self.write_lock:
             try:
-                self.sock.sendall(framing.encode(stream_id, framing.TYPE_RESPONSE, data))
+                self.sock.sendall(codec.response_frame(stream_id, data))
             except OSError:
                 pass  # the reader notices the dead peer and tears the connection down
 
@@ -197,16 +186,12 @@ class _Conn:
             self.sock.close()
 
     def on_frame(self, frame: framing.Frame) -> None:
-        if frame.payload is None:
-            self.send(frame.stream_id, codec.encode_error(
-                errors.ResourceExhausted.code, str(codec.oversize_error(frame.length))))
+        refusal = codec.screen_request(frame)
+        if refusal is not None:
+            if refusal:
+                self.send(frame.stream_id, refusal)
             return
-        if frame.type != framing.TYPE_REQUEST:
-            return  # unknown kinds are ignored for forward compatibility
-        if frame.stream_id % 2 != 1:
-            self.send(frame.stream_id, codec.encode_error(
-                errors.InvalidArgument.code, "StreamID must be odd for client initiated streams"))
-            return
+        assert frame.payload is not None
         with self.server._lock:
             self.active += 1
         threading.Thread(
@@ -216,12 +201,8 @@ class _Conn:
     def handle(self, stream_id: int, data: bytes) -> None:
         try:
             try:
-                ctx, payload = codec.decode_request(data)
-                handler = self.server.registry.resolve(ctx.service, ctx.method)
-                result = handler(ctx, payload)
-                if not isinstance(result, bytes):
-                    raise errors.Internal(f"ttrpc: handler for {ctx.method} returned no bytes")
-                response = codec.encode_response(result)
+                ctx, handler, payload = self.server.registry.lookup(data)
+                response = codec.result_response(ctx, handler(ctx, payload))
             except Exception as exc:  # every failure becomes a status for the caller
                 self.server.on_error(exc)
                 response = codec.encode_response(exc=exc)

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ctrd import errors
 from ctrd.api.ttrpc import ttrpc_pb2
+from ctrd.ttrpc import framing
 
 NAMESPACE_KEY = "containerd-namespace"
 
@@ -66,7 +67,10 @@ def encode_request(
     for key, value in (metadata or {}).items():
         for v in [value] if isinstance(value, str) else value:
             req.metadata.add(key=key, value=v)
-    return req.SerializeToString()
+    data = req.SerializeToString()
+    if len(data) > framing.MAX_MESSAGE:
+        raise oversize_error(len(data))  # the peer would refuse it anyway
+    return data
 
 
 def decode_response(data: bytes) -> bytes:
@@ -80,6 +84,16 @@ def decode_response(data: bytes) -> bytes:
     return resp.payload
 
 
+def decode_response_frame(frame: framing.Frame) -> bytes:
+    """``decode_response`` for a frame read by a client, failing the call if the frame
+    was too large to read or is not a response."""
+    if frame.payload is None:
+        raise oversize_error(frame.length)
+    if frame.type != framing.TYPE_RESPONSE:
+        raise errors.Internal("ttrpc: unknown message type received")
+    return decode_response(frame.payload)
+
+
 def oversize_error(length: int) -> errors.CtrdError:
     return errors.ResourceExhausted(
         f"message length {length} exceeds maximum message size of 4194304"
@@ -87,6 +101,20 @@ def oversize_error(length: int) -> errors.CtrdError:
 
 
 # --- server side -----------------------------------------------------------------
+
+
+def screen_request(frame: framing.Frame) -> bytes | None:
+    """None for a frame that is a call to serve; otherwise what to answer instead: an
+    error response, or ``b""`` for a frame to drop without an answer."""
+    if frame.payload is None:
+        return encode_error(errors.ResourceExhausted.code, str(oversize_error(frame.length)))
+    if frame.type != framing.TYPE_REQUEST:
+        return b""  # unknown kinds are ignored for forward compatibility
+    if frame.stream_id % 2 != 1:
+        return encode_error(
+            errors.InvalidArgument.code, "StreamID must be odd for client initiated streams"
+        )
+    return None
 
 
 def decode_request(data: bytes) -> tuple[CallContext, bytes]:
@@ -119,6 +147,20 @@ def encode_error(code: int, message: str) -> bytes:
     return resp.SerializeToString()
 
 
+def result_response(ctx: CallContext, result: object) -> bytes:
+    """The response for what a handler returned (once awaited, for a coroutine)."""
+    if not isinstance(result, bytes):
+        raise errors.Internal(f"ttrpc: handler for {ctx.method} returned no bytes")
+    return encode_response(result)
+
+
+def response_frame(stream_id: int, data: bytes) -> bytes:
+    """The frame carrying a response; one too large for the peer becomes an error."""
+    if len(data) > framing.MAX_MESSAGE:
+        data = encode_error(errors.ResourceExhausted.code, str(oversize_error(len(data))))
+    return framing.encode(stream_id, framing.TYPE_RESPONSE, data)
+
+
 class Registry:
     """service name -> method name -> handler."""
 
@@ -145,6 +187,11 @@ class Registry:
         if handler is None:
             raise errors.Unimplemented(f"method {method}")
         return handler
+
+    def lookup(self, data: bytes) -> tuple[CallContext, Handler, bytes]:
+        """Decode a request and find its handler: the context, handler and payload."""
+        ctx, payload = decode_request(data)
+        return ctx, self.resolve(ctx.service, ctx.method), payload
 
 
 def typed(request_cls: type[M], fn: Callable[[CallContext, M], Any]) -> Handler:
