@@ -18,11 +18,6 @@ from pathlib import Path
 import pytest
 
 from ctrd import reference
-from ctrd.daemon.content.store import ContentStore
-from ctrd.daemon.metadata.content import ContentService
-from ctrd.daemon.metadata.db import Database
-from ctrd.daemon.metadata.images import ImageStore
-from ctrd.daemon.metadata.leases import LeaseStore
 from ctrd.daemon.remotes import platforms
 from ctrd.daemon.remotes.auth import file_credentials
 from ctrd.daemon.remotes.hosts import HostsConfig
@@ -34,6 +29,7 @@ from ctrd.daemon.transfer.push import Pusher, PushOptions
 from ctrd.errors import Unauthenticated
 from ctrd.oci import busybox, writer
 from ctrd.oci.writer import Compression, Platform
+from helpers.stores import temporary_stores
 from helpers.registry import Registry, TestCA, TokenServer, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
@@ -63,15 +59,8 @@ def plain_registry(workdir: Path) -> Iterator[Registry]:
 
 @pytest.fixture
 async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    db = Database(tmp_path / "meta.db")
-    await db.open()
-    blobs = ContentStore(tmp_path / "content")
-    blobs.open()
-    try:
-        yield Stores(content=ContentService(db, blobs), images=ImageStore(db),
-                     leases=LeaseStore(db))
-    finally:
-        await db.close()
+    async with temporary_stores(tmp_path) as made:
+        yield made
 
 
 @pytest.fixture
@@ -223,17 +212,12 @@ async def test_push_and_pull_back(plain_registry: Registry, workdir: Path, store
     assert raw == index.root.data
 
     # Pull the pushed image back into a fresh store: identical digests throughout.
-    db = Database(tmp_path / "back.db")
-    await db.open()
-    blobs = ContentStore(tmp_path / "back-content")
-    blobs.open()
-    fresh = Stores(content=ContentService(db, blobs), images=ImageStore(db), leases=LeaseStore(db))
-    try:
+    back = tmp_path / "back"
+    back.mkdir()
+    async with temporary_stores(back) as fresh:
         images = await pull(fresh, resolver(pool), dst, platforms_=[])
         assert images[0].target.digest == index.digest
         assert expected_blobs(index) <= await content_digests(fresh)
-    finally:
-        await db.close()
 
     # Pushing again uploads nothing.
     events.clear()

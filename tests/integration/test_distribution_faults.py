@@ -15,11 +15,6 @@ from pathlib import Path
 import pytest
 
 from ctrd import reference
-from ctrd.daemon.content.store import ContentStore
-from ctrd.daemon.metadata.content import ContentService
-from ctrd.daemon.metadata.db import Database
-from ctrd.daemon.metadata.images import ImageStore
-from ctrd.daemon.metadata.leases import LeaseStore
 from ctrd.daemon.remotes import platforms
 from ctrd.daemon.remotes.hosts import HostsConfig
 from ctrd.daemon.remotes.resolver import Resolver
@@ -36,6 +31,7 @@ from ctrd.errors import (
 )
 from ctrd.oci import busybox, writer
 from helpers.faultproxy import Fault, FaultProxy
+from helpers.stores import temporary_stores
 from helpers.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
@@ -73,15 +69,8 @@ def proxy(env) -> Iterator[FaultProxy]:
 
 @pytest.fixture
 async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    db = Database(tmp_path / "meta.db")
-    await db.open()
-    blobs = ContentStore(tmp_path / "content")
-    blobs.open()
-    try:
-        yield Stores(content=ContentService(db, blobs), images=ImageStore(db),
-                     leases=LeaseStore(db))
-    finally:
-        await db.close()
+    async with temporary_stores(tmp_path) as made:
+        yield made
 
 
 @pytest.fixture
