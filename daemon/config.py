@@ -27,7 +27,7 @@ root = "{DEFAULT_ROOT}"
 state = "{DEFAULT_STATE}"
 
 [grpc]
-  # Unix socket of the containerd-compatible gRPC API (plus CRI).
+  # Unix socket of the containerd-compatible gRPC API.
   # Shims send their events to the same path with ".ttrpc" appended.
   address = "{DEFAULT_ADDRESS}"
   # Owner of the socket; it is created with mode 0660, so members of `gid` may use it.
@@ -55,9 +55,9 @@ state = "{DEFAULT_STATE}"
 
 [plugins]
   [plugins."io.containerd.gc.v1.scheduler"]
-    # Collect garbage this long after a deletion made some.
-    deletion_threshold = 0
-    schedule_delay = "0ms"
+    # Collect garbage this long after a deletion made some; deletions in between
+    # share the run.
+    schedule_delay = "100ms"
 
   [plugins."io.containerd.snapshotter.v1.overlayfs"]
     # No options yet; the table is where they will go.
@@ -86,16 +86,10 @@ state = "{DEFAULT_STATE}"
     read_timeout = 60
     # Tries per request on network errors, 429 and 5xx, with backoff.
     attempts = 5
-
-  [plugins."io.containerd.grpc.v1.cri"]
-    sandbox_image = "ctrd.local/busybox:latest"
-    snapshotter = "overlayfs"
-    cni_bin_dir = "/usr/lib/cni"
-    cni_conf_dir = "/etc/cni/net.d"
 '''
 
 
-def _duration(text: str | int | float, key: str) -> float:
+def duration(text: str | int | float, key: str) -> float:
     """Seconds in a Go-style duration string ("5s", "250ms", "1m")."""
     if isinstance(text, (int, float)):
         return float(text)
@@ -164,9 +158,9 @@ class Config:
             log_level=debug.get("level", "info"),
             log_format=debug.get("format", "console"),
             metrics_address=data.get("metrics", {}).get("address", ""),
-            shim_load_timeout=_duration(
+            shim_load_timeout=duration(
                 timeouts.get("io.containerd.timeout.shim.load", "5s"), "shim.load"),
-            shutdown_timeout=_duration(
+            shutdown_timeout=duration(
                 timeouts.get("io.containerd.timeout.shutdown", "10s"), "shutdown"),
             disabled_plugins=list(data.get("disabled_plugins", [])),
             plugins=dict(data.get("plugins", {})),

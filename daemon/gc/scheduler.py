@@ -15,7 +15,7 @@ import time
 
 import structlog
 
-from ..config import _duration
+from ..config import duration
 from ..metadata.db import Database
 from ..metadata.content import ContentService
 from ..plugin import METADATA, SERVICE, SNAPSHOT, InitContext, Registry
@@ -132,7 +132,7 @@ class Scheduler:
 
 
 def init(ctx: InitContext) -> Scheduler:
-    delay = _duration(ctx.options.get("schedule_delay", "0ms"), "schedule_delay") or DEFAULT_DELAY
+    delay = duration(ctx.options.get("schedule_delay", f"{DEFAULT_DELAY}s"), "schedule_delay")
     scheduler = Scheduler(ctx.get(METADATA).db, ctx.get(SERVICE, "content-service"),
                           ctx.registry, delay)
     scheduler.content.on_delete(scheduler.mark_dirty)
