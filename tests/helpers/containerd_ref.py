@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from .procs import shim_pids
+
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
 SHIM = "containerd-shim-runc-v2"
@@ -159,18 +161,11 @@ class ContainerdRef:
 
     def _kill_own_shims(self) -> None:
         """Kill shims this daemon started that outlived it: they name its socket."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for pid in shim_pids(self.address):
             try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(SHIM.encode()) and self.address.encode() in argv:
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout: float = 20.0) -> None:
         namespaces: list[str] = []
@@ -254,9 +249,7 @@ def new_containerd(prefix: str = "containerd-ref-") -> ContainerdRef:
         raise
 
 
-@pytest.fixture
-def containerd_ref() -> Iterator[ContainerdRef]:
-    """A reference containerd for one test."""
+def _reference() -> Iterator[ContainerdRef]:
     if not available():
         pytest.skip("containerd, ctr, containerd-shim-runc-v2 and runc are needed")
     ref = new_containerd()
@@ -264,15 +257,15 @@ def containerd_ref() -> Iterator[ContainerdRef]:
         yield ref
     finally:
         ref.cleanup()
+
+
+@pytest.fixture
+def containerd_ref() -> Iterator[ContainerdRef]:
+    """A reference containerd for one test."""
+    yield from _reference()
 
 
 @pytest.fixture(scope="module")
 def containerd_ref_module() -> Iterator[ContainerdRef]:
     """A reference containerd shared by the tests of a module (cheaper, less isolated)."""
-    if not available():
-        pytest.skip("containerd, ctr, containerd-shim-runc-v2 and runc are needed")
-    ref = new_containerd()
-    try:
-        yield ref
-    finally:
-        ref.cleanup()
+    yield from _reference()

@@ -26,6 +26,7 @@ from ctrd.api.containerd.services.tasks.v1 import tasks_pb2_grpc as tpb_grpc
 from ctrd.oci.busybox import GROUP, PASSWD, applets
 
 from .ctrd_proc import CtrdProcess, new_base
+from .procs import shim_pids
 
 SHIMS = {"runc": "containerd-shim-runc-v2", "ctrd": "containerd-shim-ctrd-v2"}
 RUNC_ROOT = Path("/run/containerd/runc")
@@ -81,22 +82,6 @@ class RawClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def shim_pids(address: str) -> list[int]:
-    """PIDs of shims serving the daemon at ``address`` (their command line names it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"-address" in argv and address.encode() in argv and any(
-                b"containerd-shim" in a for a in argv[:3]):  # python -IS <script>
-            pids.append(int(proc.name))
-    return pids
 
 
 def _ctr_lines(daemon: CtrdProcess, *args: str, namespace: str = "default") -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from helpers.containerd_ref import remove_namespace_dirs
+from helpers.procs import shim_pids
 
 pytestmark = [
     pytest.mark.integration,
@@ -110,20 +111,6 @@ class Containerd:
                         input=input)
 
 
-def _shim_pids(address: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"containerd-shim" in c for c in cmdline[:2]) and address.encode() in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 def _mounts_under(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
@@ -173,7 +160,7 @@ def _teardown(cd: Containerd, proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for pid in _shim_pids(cd.address):  # shims that outlived containerd are ours to end
+    for pid in shim_pids(cd.address):  # shims that outlived containerd are ours to end
         os.kill(pid, signal.SIGKILL)
     for point in sorted(_mounts_under(cd.root), key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False)
@@ -274,7 +261,7 @@ def test_detached_task_lifecycle(containerd: Containerd, events: Path) -> None:
                   "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"):
         assert topic in topics
     assert topics.index("/tasks/start") < topics.index("/tasks/paused") < topics.index("/tasks/delete")
-    assert _wait_for(lambda: not _shim_pids(containerd.address))
+    assert _wait_for(lambda: not shim_pids(containerd.address))
 
 
 def test_oom_is_reported(containerd: Containerd, events: Path) -> None:
@@ -288,7 +275,7 @@ def test_oom_is_reported(containerd: Containerd, events: Path) -> None:
 def test_nothing_left_behind(containerd: Containerd) -> None:
     res = containerd.run("last", "true")
     assert res.returncode == 0
-    assert _wait_for(lambda: not _shim_pids(containerd.address))
+    assert _wait_for(lambda: not shim_pids(containerd.address))
     state = containerd.root / "state"
     assert not [m for m in _mounts_under(state)]
     assert not os.listdir(f"/run/containerd/runc/{containerd.namespace}")
