@@ -7,11 +7,11 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
 import structlog
 
 from ctrd.errors import FailedPrecondition
 
+from . import rpc
 from .config import Config
 from .metrics import Metrics
 from .plugin import EVENT, GRPC, Registry
@@ -53,16 +53,16 @@ class Daemon:
         self.registry = Registry(list(plugins), config)
         self.metrics = Metrics()
         self.lock = RootLock(Path(config.root))
-        self.server: grpc.aio.Server | None = None
+        self.server: rpc.Server | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         self.lock.acquire()
         Path(self.config.state).mkdir(parents=True, exist_ok=True, mode=0o711)
         await self.registry.start()
-        self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", self.config.max_recv_message_size),
-                     ("grpc.max_send_message_length", self.config.max_send_message_size)])
+        self.server = rpc.Server(
+            max_receive_message_length=self.config.max_recv_message_size,
+            max_send_message_length=self.config.max_send_message_size)
         registrar = ErrorInterceptor(self.metrics).registrar(self.server)
         for service in self.registry.get_all(GRPC).values():
             service.register(registrar)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf import any_pb2, empty_pb2
 
 from ctrd.api.containerd.events import container_pb2 as ev
@@ -12,10 +11,11 @@ from ctrd.api.containerd.services.containers.v1 import containers_pb2_grpc as pb
 from ctrd.errors import InvalidArgument
 
 from ..events.exchange import Exchange
-from ..metadata.containers import AnyValue, Container, ContainerStore
 from ..gc.scheduler import Scheduler
+from ..metadata.containers import AnyValue, Container, ContainerStore
 from ..plugin import EVENT, GC, METADATA, InitContext
 from . import context as rpcctx
+from .interceptor import Registrar
 
 
 def any_to_value(a: any_pb2.Any) -> AnyValue:
@@ -83,7 +83,7 @@ class ContainersService(pb_grpc.ContainersServicer):
         self.events = events
         self.gc = gc
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_ContainersServicer_to_server(self, server)
 
     async def Get(self, request: pb.GetContainerRequest, context) -> pb.GetContainerResponse:

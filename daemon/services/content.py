@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.content.v1 import content_pb2 as pb
@@ -24,6 +23,7 @@ from ..content.store import INLINE_READ
 from ..metadata.content import ContentService, Info, Status
 from ..plugin import SERVICE, InitContext
 from .context import lease, namespace
+from .interceptor import Registrar
 
 LIST_BLOCK = 100
 
@@ -52,7 +52,7 @@ class ContentGrpc(pb_grpc.ContentServicer):
     def __init__(self, content: ContentService) -> None:
         self.content = content
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_ContentServicer_to_server(self, server)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:

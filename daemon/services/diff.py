@@ -1,8 +1,6 @@
 """containerd.services.diff.v1.Diff over the walking differ."""
 from __future__ import annotations
 
-import grpc
-
 from ctrd.api.containerd.services.diff.v1 import diff_pb2 as pb
 from ctrd.api.containerd.services.diff.v1 import diff_pb2_grpc as pb_grpc
 from ctrd.oci.descriptor import Descriptor
@@ -10,6 +8,7 @@ from ctrd.oci.descriptor import Descriptor
 from ..diff.walking import WalkingDiffer
 from ..plugin import DIFF, InitContext
 from .context import lease, namespace
+from .interceptor import Registrar
 from .snapshots import mounts_from_pb
 
 
@@ -17,7 +16,7 @@ class DiffService(pb_grpc.DiffServicer):
     def __init__(self, differ: WalkingDiffer) -> None:
         self.differ = differ
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_DiffServicer_to_server(self, server)
 
     async def Apply(self, request: pb.ApplyRequest, context) -> pb.ApplyResponse:

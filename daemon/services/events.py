@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.events.v1 import events_pb2 as pb
@@ -14,6 +13,7 @@ from ctrd.protoutil import nanos, timestamp
 from ..events.exchange import Envelope, Exchange
 from ..plugin import EVENT, InitContext
 from . import context as rpcctx
+from .interceptor import Registrar
 
 
 def envelope_to_pb(env: Envelope) -> pb.Envelope:
@@ -25,7 +25,7 @@ class EventsService(pb_grpc.EventsServicer):
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_EventsServicer_to_server(self, server)
 
     async def Publish(self, request: pb.PublishRequest, context) -> empty_pb2.Empty:

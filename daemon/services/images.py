@@ -1,7 +1,6 @@
 """containerd.services.images.v1.Images over the image store."""
 from __future__ import annotations
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import image_pb2 as ev
@@ -16,6 +15,7 @@ from ..gc.scheduler import Scheduler
 from ..metadata.images import Descriptor, Image, ImageStore
 from ..plugin import EVENT, GC, SERVICE, InitContext
 from .context import namespace
+from .interceptor import Registrar
 
 
 def _to_pb(image: Image) -> pb.Image:
@@ -39,7 +39,7 @@ class ImagesService(pb_grpc.ImagesServicer):
         self.events = events
         self.gc = gc
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_ImagesServicer_to_server(self, server)
 
     async def Get(self, request: pb.GetImageRequest, context) -> pb.GetImageResponse:

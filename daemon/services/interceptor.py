@@ -4,11 +4,10 @@ Services raise :mod:`ctrd.errors` exceptions; every method handler is wrapped so
 a failure is logged once with the method and namespace bound, the call is counted,
 and the RPC ends with the mapped status code.
 
-The wrapping happens once, when a service registers its handlers, rather than in a
-``grpc.aio.ServerInterceptor``: grpc.aio runs interceptors on every call, as an extra
-chain of coroutines that must build fresh method handlers each time, and that cost
-showed up on small RPCs such as the 32 KiB ``Content.Read`` calls `ctr content get`
-makes by the thousand.
+The wrapping happens once, when a service registers its handlers, rather than per
+call: an interceptor chain run on every call would build fresh method handlers each
+time, a cost that shows on small RPCs such as the 32 KiB ``Content.Read`` calls
+`ctr content get` makes by the thousand.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import structlog
 
 from ctrd.errors import CtrdError, to_code
 
+from ..rpc import Server
 from .context import NAMESPACE_KEY, metadata_value
 
 log = structlog.get_logger()
@@ -38,7 +38,7 @@ class ErrorInterceptor:
         # seconds)), or None.
         self._metrics = metrics
 
-    def registrar(self, server: grpc.aio.Server) -> "Registrar":
+    def registrar(self, server: Server) -> Registrar:
         """What services register on instead of ``server``: it wraps their handlers."""
         return Registrar(server, self)
 
@@ -122,7 +122,7 @@ class Registrar:
     as a generic handler and as pre-registered methods; both are wrapped, the
     generic one lazily and cached per method name."""
 
-    def __init__(self, server: grpc.aio.Server, interceptor: ErrorInterceptor) -> None:
+    def __init__(self, server: Server, interceptor: ErrorInterceptor) -> None:
         self._server = server
         self._interceptor = interceptor
 

@@ -5,7 +5,6 @@ import os
 import uuid
 from pathlib import Path
 
-import grpc
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
@@ -15,6 +14,7 @@ from ctrd.api.containerd.services.introspection.v1 import introspection_pb2_grpc
 from ctrd.errors import to_code
 
 from ..plugin import InitContext, Loaded, Registry, SkipPlugin
+from .interceptor import Registrar
 
 
 def _to_pb(entry: Loaded) -> pb.Plugin:
@@ -50,7 +50,7 @@ class IntrospectionService(pb_grpc.IntrospectionServicer):
         self.registry = registry
         self.uuid = server_uuid
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_IntrospectionServicer_to_server(self, server)
 
     async def Plugins(self, request: pb.PluginsRequest, context) -> pb.PluginsResponse:

@@ -5,7 +5,6 @@ import base64
 import os
 import time
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.leases.v1 import leases_pb2 as pb
@@ -16,6 +15,7 @@ from ..gc.scheduler import Scheduler
 from ..metadata.leases import Lease, LeaseStore, Resource
 from ..plugin import GC, LEASE, InitContext
 from .context import namespace
+from .interceptor import Registrar
 
 
 def _random_id() -> str:
@@ -36,7 +36,7 @@ class LeasesService(pb_grpc.LeasesServicer):
         self.store = store
         self.gc = gc
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_LeasesServicer_to_server(self, server)
 
     async def Create(self, request: pb.CreateRequest, context) -> pb.CreateResponse:

@@ -1,7 +1,6 @@
 """containerd.services.namespaces.v1.Namespaces over the namespace store."""
 from __future__ import annotations
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import namespace_pb2 as ev
@@ -12,6 +11,7 @@ from ctrd.errors import InvalidArgument
 from ..events.exchange import Exchange
 from ..metadata.namespaces import Namespace, NamespaceStore
 from ..plugin import EVENT, METADATA, InitContext
+from .interceptor import Registrar
 
 
 def _to_pb(ns: Namespace) -> pb.Namespace:
@@ -23,7 +23,7 @@ class NamespacesService(pb_grpc.NamespacesServicer):
         self.store = store
         self.events = events
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_NamespacesServicer_to_server(self, server)
 
     async def Get(self, request: pb.GetNamespaceRequest, context) -> pb.GetNamespaceResponse:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import snapshot_pb2 as ev
@@ -13,12 +12,13 @@ from ctrd.api.containerd.types import mount_pb2
 from ctrd.protoutil import nanos, timestamp
 
 from ..events.exchange import Exchange
-from ..metadata.snapshots import SnapshotInfo, SnapshotStore
 from ..gc.scheduler import Scheduler
+from ..metadata.snapshots import SnapshotInfo, SnapshotStore
 from ..plugin import EVENT, GC, SERVICE, InitContext
 from ..snapshots.mounts import Mount
 from ..snapshots.storage import Kind
 from .context import lease, namespace
+from .interceptor import Registrar
 
 # containerd streams List results in batches of this many.
 _LIST_BATCH = 100
@@ -45,7 +45,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.events = events
         self.gc = gc
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_SnapshotsServicer_to_server(self, server)
 
     async def Prepare(self, request: pb.PrepareSnapshotRequest,

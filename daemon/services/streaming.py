@@ -12,13 +12,14 @@ from ctrd.errors import InvalidArgument
 from ..plugin import INTERNAL, InitContext
 from ..transfer.streams import Stream, StreamManager
 from .context import NAMESPACE_KEY, metadata_value
+from .interceptor import Registrar
 
 
 class StreamingService(pb_grpc.StreamingServicer):
     def __init__(self, manager: StreamManager) -> None:
         self.manager = manager
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_StreamingServicer_to_server(self, server)
 
     async def Stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:

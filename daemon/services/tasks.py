@@ -11,7 +11,6 @@ import asyncio
 import shutil
 import time
 
-import grpc
 import structlog
 from google.protobuf import any_pb2, empty_pb2
 
@@ -29,6 +28,7 @@ from ..plugin import METADATA, RUNTIME, SERVICE, InitContext, Registry
 from ..runtime.shim_manager import CreateOpts, TaskManager
 from ..runtime.task import IO, ShimTask
 from . import context as rpcctx
+from .interceptor import Registrar
 
 log = structlog.get_logger()
 
@@ -59,7 +59,7 @@ class TasksService(pb_grpc.TasksServicer):
         self.tasks = tasks
         self._registry = registry
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_TasksServicer_to_server(self, server)
 
     # -- helpers -----------------------------------------------------------

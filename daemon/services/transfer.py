@@ -23,7 +23,7 @@ from ctrd.api.containerd.types.transfer import (
     progress_pb2,
     registry_pb2,
 )
-from ctrd.errors import InvalidArgument, Unimplemented, Unavailable
+from ctrd.errors import InvalidArgument, Unavailable, Unimplemented
 from ctrd.oci.descriptor import Platform
 
 from ..plugin import INTERNAL, TRANSFER, InitContext
@@ -38,6 +38,7 @@ from ..transfer.pull import PullOptions, UnpackTarget
 from ..transfer.push import PushOptions
 from ..transfer.streams import Stream, StreamManager, receive_data, send_data
 from .context import namespace
+from .interceptor import Registrar
 
 log = structlog.get_logger()
 
@@ -101,7 +102,7 @@ class TransferService(pb_grpc.TransferServicer):
         self.local = local
         self.streams = streams
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_TransferServicer_to_server(self, server)
 
     def _resolver(self, ns: str, registry: registry_pb2.OCIRegistry) -> Resolver:

@@ -1,7 +1,6 @@
 """containerd.services.version.v1.Version."""
 from __future__ import annotations
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd import __version__
@@ -9,6 +8,7 @@ from ctrd.api.containerd.services.version.v1 import version_pb2 as pb
 from ctrd.api.containerd.services.version.v1 import version_pb2_grpc as pb_grpc
 
 from ..plugin import InitContext
+from .interceptor import Registrar
 
 # Clients gate features on containerd's version; ctrd implements 1.6's API, so it
 # reports 1.6 with its own version as semver build metadata (ignored in comparisons).
@@ -16,7 +16,7 @@ API_VERSION = "1.6.20"
 
 
 class VersionService(pb_grpc.VersionServicer):
-    def register(self, server: grpc.aio.Server) -> None:
+    def register(self, server: Registrar) -> None:
         pb_grpc.add_VersionServicer_to_server(self, server)
 
     async def Version(self, request: empty_pb2.Empty, context) -> pb.VersionResponse:

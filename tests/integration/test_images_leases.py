@@ -235,8 +235,10 @@ def test_image_events(ctrd: CtrdProcess, archives: dict[str, Path]) -> None:
         ctrd.ctr("images", "import", "--no-unpack", str(archives["oci"]))
         ctrd.ctr("images", "label", NAME, "a=b")
         digest = next(iter(content_set(ctrd)))
-        ctrd.ctr("images", "rm", NAME)
+        # Content first: once the image is gone, the collector may remove the blob
+        # before `content rm` does, and a collection publishes no event.
         ctrd.ctr("content", "rm", digest)
+        ctrd.ctr("images", "rm", NAME)
         time.sleep(0.5)
     finally:
         events.terminate()
