@@ -78,6 +78,11 @@ class ArchiveExportOptions:
 # The streaming protocol's sizes, as containerd's: 32 KiB messages in 64 KiB windows.
 MAX_MESSAGE = 32 << 10
 WINDOW = 2 * MAX_MESSAGE
+# What we grant a daemon sending us a file. HTTP/2's own flow control already bounds
+# what is in flight, so this window can be large, and a large one is granted rarely:
+# grpcio's client fails a call whose last write raced with the daemon ending it, and
+# then drops the messages not yet read, so every grant near the end is a risk.
+RECEIVE_WINDOW = 16 << 20
 TAR_MEDIA_TYPE = "application/x-tar"
 
 
@@ -270,10 +275,11 @@ async def _receive_file(call, out: BinaryIO) -> None:
     """Write Data messages to ``out`` until the daemon ends the stream, granting windows."""
     window = 0
     while True:
-        if window < WINDOW:
+        if window < RECEIVE_WINDOW // 2 and not call.done():
             try:
-                await call.write(protoutil.pack(data_pb2.WindowUpdate(update=WINDOW)))
-                window += WINDOW
+                grant = RECEIVE_WINDOW - window
+                await call.write(protoutil.pack(data_pb2.WindowUpdate(update=grant)))
+                window += grant
             except (grpc.aio.AioRpcError, grpc.aio.UsageError):
                 pass  # the daemon already closed its side; read what is left
         item = await call.read()

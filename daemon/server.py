@@ -6,6 +6,7 @@ import fcntl
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -13,10 +14,12 @@ from ctrd.errors import FailedPrecondition
 
 from . import rpc
 from .config import Config
-from .metrics import Metrics
 from .plugin import EVENT, GRPC, Registry
 from .plugins import PLUGINS
 from .services.interceptor import ErrorInterceptor
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = structlog.get_logger()
 
@@ -51,7 +54,7 @@ class Daemon:
     def __init__(self, config: Config, plugins=PLUGINS) -> None:
         self.config = config
         self.registry = Registry(list(plugins), config)
-        self.metrics = Metrics()
+        self.metrics: Metrics | None = None
         self.lock = RootLock(Path(config.root))
         self.server: rpc.Server | None = None
         self._stop = asyncio.Event()
@@ -63,13 +66,17 @@ class Daemon:
         self.server = rpc.Server(
             max_receive_message_length=self.config.max_recv_message_size,
             max_send_message_length=self.config.max_send_message_size)
+        if self.config.metrics_address:
+            # Only then: prometheus_client costs a megabyte and every call pays to count.
+            from .metrics import Metrics
+            self.metrics = Metrics()
         registrar = ErrorInterceptor(self.metrics).registrar(self.server)
         for service in self.registry.get_all(GRPC).values():
             service.register(registrar)
         self._bind()
         await self.server.start()
         self._secure_socket()
-        if self.config.metrics_address:
+        if self.metrics is not None:
             self.metrics.serve(self.config.metrics_address)
         log.info("ctrd serving", address=self.config.address, root=self.config.root,
                  pid=os.getpid())
@@ -113,7 +120,8 @@ class Daemon:
             exchange.close()
         if self.server is not None:
             await self.server.stop(grace=self.config.shutdown_timeout)
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         await self.registry.close()
         try:
             os.unlink(self.config.address)

@@ -1,4 +1,5 @@
-"""Image commands: pull, images, image ls/rm/tag/inspect/import/build-default, load."""
+"""Image commands: pull, images, image ls/rm/tag/inspect/import/save/build-default, load,
+save."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from ..client import AsyncClient
 from ..images import Image
 from ..runner import find_image
 from ..archive import ImportResult
-from ..transfer import ArchiveImportOptions, PullOptions
+from ..transfer import ArchiveExportOptions, ArchiveImportOptions, PullOptions
 from ..transfer import Progress as TransferProgress
 from ..types import Platform
 from .main import Settings, cli, pass_settings
@@ -282,6 +283,55 @@ def load(settings: Settings, path: str | None, no_unpack: bool) -> None:
         shutil.copyfileobj(sys.stdin.buffer, tmp, 1 << 20)
         tmp.flush()
         _import(settings, tmp.name, "", not no_unpack)
+
+
+# -- save ---------------------------------------------------------------------------
+
+
+def _save(settings: Settings, names: tuple[str, ...], path: str | None,
+          platforms: tuple[str, ...], all_platforms: bool) -> None:
+    full = [str(reference.normalize(n)) for n in names]  # refuse bad names up front
+    if path is None and sys.stdout.isatty():
+        raise click.UsageError("refusing to write an archive to a terminal: give -o FILE "
+                               "or redirect stdout")
+    options = ArchiveExportOptions(platforms=tuple(Platform.parse(p) for p in platforms),
+                                   all_platforms=all_platforms)
+
+    async def go(client: AsyncClient) -> None:
+        for name in full:
+            await client.images.get(name)  # NotFound names the image, before any output
+        target = path if path is not None else sys.stdout.buffer
+        await client.transfer.export_archive(full, target, options)
+    settings.run(go)
+
+
+def _save_options(command):
+    command = click.option("--all-platforms", is_flag=True,
+                           help="Every platform of multi-platform images.")(command)
+    command = click.option("--platform", "platforms", multiple=True,
+                           help="os/arch[/variant] (repeatable) [default: this host's].")(command)
+    command = click.option("--output", "-o", "path", default=None,
+                           type=click.Path(dir_okay=False),
+                           help="Write to FILE [default: stdout].")(command)
+    return click.argument("names", nargs=-1, required=True)(command)
+
+
+@cli.command()
+@_save_options
+@pass_settings
+def save(settings: Settings, names: tuple[str, ...], path: str | None,
+         platforms: tuple[str, ...], all_platforms: bool) -> None:
+    """Save images to an OCI archive (docker save; the daemon's Transfer service writes it)."""
+    _save(settings, names, path, platforms, all_platforms)
+
+
+@image.command("save")
+@_save_options
+@pass_settings
+def image_save(settings: Settings, names: tuple[str, ...], path: str | None,
+               platforms: tuple[str, ...], all_platforms: bool) -> None:
+    """Save images to an OCI archive (docker save; the daemon's Transfer service writes it)."""
+    _save(settings, names, path, platforms, all_platforms)
 
 
 @image.command("build-default")

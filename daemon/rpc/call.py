@@ -392,12 +392,15 @@ class Call:
             self._headers_sent = True
         self._conn.write(frames.frame(frames.HEADERS, frames.END_HEADERS | frames.END_STREAM,
                                       self.stream_id, block))
-        self._closed_by_us()
+        # After a successful call a client still sending is let be (grpcio's client fails
+        # its last writes, and the call with them, on a reset); after a failure it is
+        # stopped, since it may be pushing a message too large to ever be read.
+        self._closed_by_us(stop_client=code != OK)
 
-    def _closed_by_us(self) -> None:
+    def _closed_by_us(self, stop_client: bool = False) -> None:
         self.closed = True
-        if not self.remote_closed:
-            # The answer is complete; tell the client to stop sending the request.
+        if stop_client and not self.remote_closed:
+            # The client may be blocked sending a request that will never be read.
             self._conn.write(frames.rst_stream(self.stream_id, frames.NO_ERROR))
         # The answer is whole: send it now rather than at the loop's next turn.
         self._conn.flush()

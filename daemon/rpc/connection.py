@@ -100,10 +100,16 @@ class Connection(asyncio.Protocol):
         self._writable.set()
 
     def pause_writing(self) -> None:
+        # The peer does not read what we send. Reading on would let it make us queue
+        # answers without bound (a flood of PINGs or SETTINGS, each acknowledged), so
+        # it gets no further hearing until it catches up.
         self._writable.clear()
+        self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if not self.closed:
+            self._transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; everything queued in one loop iteration leaves in one send.

@@ -186,6 +186,25 @@ def test_images(ctl_image: Ctl, tmp_path: Path) -> None:
     ctl.fails("load", "-i", str(empty), message="neither an OCI archive")
     ctl.fails("import", str(tmp_path / "missing.tar"), message="no such file")
 
+    # save, then load what was saved, to a file and through stdout.
+    saved = tmp_path / "saved.tar"
+    ctl("save", "-o", str(saved), "example.com/oci:v2")
+    with __import__("tarfile").open(saved) as tar:
+        assert {"index.json", "oci-layout"} <= set(tar.getnames())
+    ctl("image", "rm", "example.com/oci:v2")
+    assert "Loaded image: example.com/oci:v2" in ctl("load", "-i", str(saved)).stdout
+    with open(tmp_path / "stdout.tar", "wb") as out:
+        r = subprocess.run([CTRCTL, "image", "save", IMAGE, "example.com/oci:v2"], stdout=out,
+                           stderr=subprocess.PIPE, env=ctl.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    with __import__("tarfile").open(tmp_path / "stdout.tar") as tar:
+        assert "index.json" in tar.getnames()
+    ctl.fails("save", "-o", str(tmp_path / "x.tar"), "nosuch:tag", message="not found")
+    assert not (tmp_path / "x.tar").exists()
+    ctl.fails("save", "-o", str(tmp_path / "x.tar"), "Bad Name", message="invalid")
+    ctl.fails("save", "-o", str(tmp_path / "no" / "dir.tar"), IMAGE, message="no such file")
+    ctl.fails("save", code=2)
+
 
 # -- containers -----------------------------------------------------------------------
 

@@ -383,6 +383,28 @@ async def test_ping_is_answered_and_unknown_frames_ignored(served):
         assert flags & frames.ACK and payload == b"12345678"
 
 
+async def test_peer_that_does_not_read_is_not_read_either(served):
+    server, _, path = served
+    async with RawPeer(path) as peer:
+        peer.start()
+        ping = frames.frame(frames.PING, 0, 0, b"12345678")
+        for _ in range(60):  # each PING is answered; nothing here reads the answers
+            peer.send(ping * 1000)
+            await asyncio.sleep(0)
+        for _ in range(200):
+            conn = next(iter(server.connections))
+            if not conn._transport.is_reading():
+                break
+            await asyncio.sleep(0.01)
+        assert not conn._transport.is_reading()
+        queued = conn._transport.get_write_buffer_size()
+        assert queued < 8 << 20, queued
+        # Once the peer reads (status() reads past all the PING answers), the server
+        # listens again and answers what came after the flood.
+        peer.request(1, f"/{SERVICE}/Unary", b"alive")
+        assert (await peer.status(1))["grpc-status"] == "0"
+
+
 async def test_silent_connection_is_closed(served, monkeypatch):
     from ctrd.daemon.rpc import connection
     monkeypatch.setattr(connection, "PREFACE_TIMEOUT", 0.2)
