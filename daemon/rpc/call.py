@@ -170,8 +170,10 @@ class Call:
             self.closed = True  # nothing may be sent on a reset stream
         if self._task is None:
             # A unary call still waiting for its request: nothing runs yet.
-            if not self.closed and reason == "deadline":
+            if reason == "deadline":
                 self._send_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            elif reason == "shutdown":
+                self._send_status(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             self._finish()
         else:
             self._task.cancel()
@@ -260,7 +262,11 @@ class Call:
         raw = self._messages.popleft()
         self.queued_bytes -= _MESSAGE_PREFIX + len(raw)
         self._conn.replenish(self)
-        return self._deserialize(raw)
+        try:
+            return self._deserialize(raw)
+        except RequestError as exc:
+            # As an abort, so that the handler's error mapping lets the status through.
+            await self.abort(exc.code, str(exc))
 
     async def write(self, message: Any) -> None:
         if self.closed:

@@ -157,6 +157,42 @@ async def test_streams_every_way(channel):
     assert await bidi.code() == grpc.StatusCode.OK
 
 
+async def test_undecodable_messages(tmp_path):
+    def parse(raw: bytes) -> bytes:
+        if raw == b"bad":
+            raise ValueError("not a message")
+        return raw
+
+    async def unary(request, context):
+        return request
+
+    async def bidi(requests, context):
+        async for item in requests:
+            await context.write(item)
+
+    server = Server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=parse),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi, request_deserializer=parse),
+    }),))
+    path = str(tmp_path / "p.sock")
+    server.add_insecure_port(f"unix://{path}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{path}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary(f"/{SERVICE}/Unary")(b"bad")
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "not a message" in info.value.details()
+            call = ch.stream_stream(f"/{SERVICE}/Bidi")()
+            await call.write(b"good")
+            assert await call.read() == b"good"
+            await call.write(b"bad")
+            assert await call.code() == grpc.StatusCode.INTERNAL
+    finally:
+        await server.stop(0)
+
+
 async def test_large_messages_and_limits(channel):
     call = _method(channel, "unary_unary", "Unary")
     four_mib = b"q" * (4 << 20)
