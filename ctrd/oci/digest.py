@@ -1,6 +1,7 @@
 """Content digests (``algorithm:hex``) as OCI descriptors carry them."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ class Digest:
     @classmethod
     def parse(cls, text: str) -> Digest:
         """Validate ``text``; raise InvalidArgument naming what is wrong with it."""
+        return _parse(text)
+
+    @classmethod
+    def _checked(cls, text: str) -> Digest:
         found = _GRAMMAR.fullmatch(text)
         if not found:
             raise InvalidArgument(f"invalid checksum digest format: {text!r}")
@@ -45,6 +50,13 @@ class Digest:
     def hasher(self) -> hashlib._Hash:
         """A fresh hasher of this digest's algorithm, to verify content against it."""
         return hashlib.new(self.algorithm)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(text: str) -> Digest:
+    # The same few digests are checked over and over (each 32 KiB Content.Read names
+    # its blob); a parse failure raises and is not cached.
+    return Digest._checked(text)
 
 
 def validate(text: str) -> None:

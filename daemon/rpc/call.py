@@ -81,6 +81,12 @@ _OK_TRAILERS = status_block(OK, "")
 class Call:
     """A gRPC call in progress; the handler's ``context``."""
 
+    __slots__ = (
+        "_conn", "stream_id", "path", "_handler", "_metadata", "_deadline",
+        "_deadline_timer", "send_window", "unacked", "queued_bytes", "_inbuf", "_messages",
+        "_reader", "remote_closed", "_request_error", "_headers_sent", "closed", "_code",
+        "_details", "_trailing", "_task", "_cancel_reason", "_callbacks", "_finished")
+
     def __init__(self, conn: Connection, stream_id: int, path: str,
                  handler: grpc.RpcMethodHandler, metadata: tuple[Metadatum, ...],
                  timeout: float | None) -> None:
@@ -117,10 +123,10 @@ class Call:
     def start(self) -> None:
         if self._deadline is not None:
             delay = max(self._deadline - time.monotonic(), 0.0)
-            self._deadline_timer = asyncio.get_running_loop().call_later(
+            self._deadline_timer = self._conn.loop.call_later(
                 delay, self.cancel, "deadline")
         if self._handler.request_streaming:
-            self._task = asyncio.ensure_future(self._serve())
+            self._task = self._conn.loop.create_task(self._serve())
 
     def receive_data(self, data: bytes | memoryview) -> None:
         """Bytes of the request stream (flow control is the connection's business)."""
@@ -156,7 +162,7 @@ class Call:
                                             "request stream ended inside a message"))
             return
         if self._task is None and not self.closed:
-            self._task = asyncio.ensure_future(self._serve())
+            self._task = self._conn.loop.create_task(self._serve())
         else:
             self._wake_reader()
 
@@ -254,7 +260,7 @@ class Call:
                 await self.abort(self._request_error.code, str(self._request_error))
             if self.remote_closed:
                 return grpc.aio.EOF
-            self._reader = asyncio.get_running_loop().create_future()
+            self._reader = self._conn.loop.create_future()
             try:
                 await self._reader
             finally:

@@ -17,7 +17,7 @@ import asyncio
 import base64
 import binascii
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 import hpack
@@ -49,9 +49,25 @@ _TRANSPORT_HEADERS = frozenset((
     b"user-agent", b"grpc-message-type"))
 
 
+class _Request(NamedTuple):
+    path: str
+    handler: grpc.RpcMethodHandler
+    metadata: tuple[Metadatum, ...]
+    timeout: float | None
+
+
+class _Refusal(NamedTuple):
+    """A request answered without running anything: an HTTP status, or else a gRPC one."""
+
+    http_status: int
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.loop = asyncio.get_running_loop()
         self.peer_initial_window = frames.DEFAULT_WINDOW
         self.peer_max_frame = frames.DEFAULT_MAX_FRAME
         self.send_window = frames.DEFAULT_WINDOW
@@ -60,12 +76,13 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._out_size = 0
+        self._parsing = False
         self._buf = bytearray()
         self._need = 0  # bytes _buf must hold before parsing resumes
         self._preface = False
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self._continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
-        self._header_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._requests: dict[bytes, _Request | _Refusal] = {}
         self._recv_window = CONNECTION_WINDOW
         self._window_changed = asyncio.Event()
         self._writable = asyncio.Event()
@@ -79,7 +96,7 @@ class Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
         # A peer that connects and never says a word would hold its socket forever.
-        asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._check_preface)
+        self.loop.call_later(PREFACE_TIMEOUT, self._check_preface)
         transport.write(  # type: ignore[attr-defined]
             frames.settings({frames.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                              frames.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -122,8 +139,8 @@ class Connection(asyncio.Protocol):
         self._out_size += len(data)
         if self._out_size >= FLUSH_SIZE:
             self.flush()  # a handler writing without pause must not pile up output
-        elif len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
+        elif len(self._out) == 1 and not self._parsing:
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         out, self._out, self._out_size = self._out, [], 0
@@ -144,11 +161,19 @@ class Connection(asyncio.Protocol):
                 return
             data = bytes(self._buf)
             self._buf = bytearray()
+        # What parsing queues (a PING's answer, window updates) waits for the calls it
+        # started: their first steps run before the flush scheduled here, so a small
+        # call's answer usually leaves in the same send.
+        self._parsing = True
         try:
             rest = self._parse(data)
         except ProtocolError as exc:
             self._abort(exc.code, str(exc))
             return
+        finally:
+            self._parsing = False
+            if self._out:
+                self.loop.call_soon(self.flush)
         if rest:
             self._buf = bytearray(rest)
 
@@ -278,7 +303,7 @@ class Connection(asyncio.Protocol):
             self._on_header_block(stream_id, first_flags, bytes(block))
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)
+        request = self._request_of(block)
         end_stream = bool(flags & frames.END_STREAM)
         call = self.calls.get(stream_id)
         if call is not None:
@@ -294,29 +319,43 @@ class Connection(asyncio.Protocol):
         if self._going_away or len(self.calls) >= MAX_CONCURRENT_STREAMS:
             self.write(frames.rst_stream(stream_id, frames.REFUSED_STREAM))
             return
-        self._open_call(stream_id, headers, end_stream)
+        if isinstance(request, _Refusal):
+            if request.http_status:
+                self._answer_http(stream_id, request.http_status, end_stream)
+            else:
+                self._answer_status(stream_id, request.code, request.message, end_stream)
+            return
+        call = Call(self, stream_id, request.path, request.handler, request.metadata,
+                    request.timeout)
+        self.calls[stream_id] = call
+        call.start()
+        if end_stream:
+            call.receive_end()
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """Decode a header block, from the cache when it only names table entries.
+    def _request_of(self, block: bytes) -> _Request | _Refusal:
+        """Decode a header block into a request, from the cache when it only names
+        table entries.
 
         A client repeating a call sends the same few bytes each time, every header a
         reference to an entry already in the table. Such a block changes nothing, so
-        its decoding holds until some other block (which may change the table) comes.
+        what it decodes to holds until some other block (which may change the table)
+        comes; and what a request is depends on its headers alone.
         """
-        headers = self._header_cache.get(block)
-        if headers is not None:
-            return headers
+        request = self._requests.get(block)
+        if request is not None:
+            return request
         try:
             headers = self._decoder.decode(block, raw=True)
         except hpack.HPACKError as exc:
             raise ProtocolError(frames.COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        request = self._parse_request(headers)
         if block.translate(None, _ONE_BYTE_INDEXED):
-            self._header_cache.clear()
-        elif len(block) <= 256 and len(self._header_cache) < 64:
-            self._header_cache[block] = headers
-        return headers
+            self._requests.clear()
+        elif len(block) <= 256 and len(self._requests) < 64:
+            self._requests[block] = request
+        return request
 
-    def _open_call(self, stream_id: int, headers: list, end_stream: bool) -> None:
+    def _parse_request(self, headers: list[tuple[bytes, bytes]]) -> _Request | _Refusal:
         method = path = content_type = b""
         timeout = encoding = None
         metadata: list[Metadatum] = []
@@ -327,7 +366,7 @@ class Connection(asyncio.Protocol):
                 elif name == b":method":
                     method = value
                 elif name not in _REQUEST_HEADERS:
-                    return self._answer_http(stream_id, 400, end_stream)
+                    return _Refusal(400)
             elif name == b"content-type":
                 content_type = value
             elif name == b"grpc-timeout":
@@ -340,33 +379,26 @@ class Connection(asyncio.Protocol):
                     try:
                         metadata.append(Metadatum(key, base64.b64decode(value + b"==")))
                     except binascii.Error:
-                        return self._answer_status(stream_id, grpc.StatusCode.INTERNAL,
-                                                   f"bad base64 in {key}", end_stream)
+                        return _Refusal(0, grpc.StatusCode.INTERNAL, f"bad base64 in {key}")
                 else:
                     metadata.append(Metadatum(key, value.decode("latin-1")))
         if method != b"POST":
-            return self._answer_http(stream_id, 405, end_stream)
+            return _Refusal(405)
         if not content_type.startswith(b"application/grpc"):
-            return self._answer_http(stream_id, 415, end_stream)
+            return _Refusal(415)
         if encoding not in (None, b"identity"):
-            return self._answer_status(stream_id, grpc.StatusCode.UNIMPLEMENTED,
-                                       f"message encoding {encoding.decode('latin-1')!r} is "
-                                       "not supported", end_stream)
+            return _Refusal(0, grpc.StatusCode.UNIMPLEMENTED,
+                            f"message encoding {encoding.decode('latin-1')!r} is not supported")
         path_text = path.decode("latin-1")
         meta = tuple(metadata)
         handler = self.server.lookup(path_text, meta)
         if handler is None:
-            return self._answer_status(stream_id, grpc.StatusCode.UNIMPLEMENTED,
-                                       f"Method not found: {path_text}", end_stream)
+            return _Refusal(0, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path_text}")
         try:
             seconds = None if timeout is None else parse_timeout(timeout.decode("latin-1"))
         except RequestError as exc:
-            return self._answer_status(stream_id, exc.code, str(exc), end_stream)
-        call = Call(self, stream_id, path_text, handler, meta, seconds)
-        self.calls[stream_id] = call
-        call.start()
-        if end_stream:
-            call.receive_end()
+            return _Refusal(0, exc.code, str(exc))
+        return _Request(path_text, handler, meta, seconds)
 
     def _answer_status(self, stream_id: int, code: grpc.StatusCode, message: str,
                        end_stream: bool) -> None:

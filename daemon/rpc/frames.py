@@ -56,6 +56,7 @@ MAX_FRAME_LIMIT = (1 << 24) - 1
 MAX_WINDOW = (1 << 31) - 1
 
 _U32 = struct.Struct(">I")
+_HEAD = struct.Struct(">BHBBI")  # the 24-bit length as 8 + 16 bits, type, flags, stream
 _SETTING = struct.Struct(">HI")
 
 
@@ -68,8 +69,8 @@ class ProtocolError(Exception):
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
-            + _U32.pack(stream_id) + payload)
+    size = len(payload)
+    return _HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
 
 
 def settings(values: dict[int, int]) -> bytes:
