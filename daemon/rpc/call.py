@@ -1,9 +1,9 @@
 """One gRPC call: the HTTP/2 stream it arrived on and the handler that serves it.
 
 A :class:`Call` is also the servicer context handed to the handler, with the part of
-``grpc.aio.ServicerContext`` that ctrd's services use (metadata, read, write, abort,
-done callbacks), so services are written as for grpcio and registered through the
-generated ``add_*Servicer_to_server`` functions.
+``grpc.aio.ServicerContext`` that ctrd's services use (``invocation_metadata``,
+``read``, ``write``, ``abort``, ``add_done_callback``), so services are written as for
+grpcio and registered through the generated ``add_*Servicer_to_server`` functions.
 
 A unary request is only handed to its handler once the client has ended its side of
 the stream, so a unary call costs one task and no waiting; a streaming request starts
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -65,13 +64,10 @@ def percent_encode(message: str) -> str:
     return "".join(out)
 
 
-def status_block(code: grpc.StatusCode, message: str,
-                 trailing: tuple[tuple[str, str | bytes], ...] = ()) -> bytes:
+def status_block(code: grpc.StatusCode, message: str) -> bytes:
     block = frames.literal("grpc-status", str(code.value[0]))
     if message:
         block += frames.literal("grpc-message", percent_encode(message))
-    for key, value in trailing:
-        block += frames.literal(key, value)
     return block
 
 
@@ -82,10 +78,10 @@ class Call:
     """A gRPC call in progress; the handler's ``context``."""
 
     __slots__ = (
-        "_conn", "stream_id", "path", "_handler", "_metadata", "_deadline",
+        "_conn", "stream_id", "path", "_handler", "_metadata", "_timeout",
         "_deadline_timer", "send_window", "unacked", "queued_bytes", "_inbuf", "_messages",
         "_reader", "remote_closed", "_request_error", "_headers_sent", "closed", "_code",
-        "_details", "_trailing", "_task", "_cancel_reason", "_callbacks", "_finished")
+        "_details", "_task", "_cancel_reason", "_callbacks", "_finished")
 
     def __init__(self, conn: Connection, stream_id: int, path: str,
                  handler: grpc.RpcMethodHandler, metadata: tuple[Metadatum, ...],
@@ -95,7 +91,7 @@ class Call:
         self.path = path
         self._handler = handler
         self._metadata = metadata
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timeout = timeout
         self._deadline_timer: asyncio.TimerHandle | None = None
         # Flow control, managed by the connection.
         self.send_window = conn.peer_initial_window
@@ -112,7 +108,6 @@ class Call:
         self.closed = False  # trailers sent or stream reset: nothing more goes out
         self._code: grpc.StatusCode | None = None
         self._details = ""
-        self._trailing: tuple[tuple[str, str | bytes], ...] = ()
         self._task: asyncio.Task | None = None
         self._cancel_reason: str = ""  # "client", "deadline", "shutdown", "connection"
         self._callbacks: list[Callable[[Call], None]] = []
@@ -121,10 +116,9 @@ class Call:
     # ------------------------------------------------------------ from the peer
 
     def start(self) -> None:
-        if self._deadline is not None:
-            delay = max(self._deadline - time.monotonic(), 0.0)
+        if self._timeout is not None:
             self._deadline_timer = self._conn.loop.call_later(
-                delay, self.cancel, "deadline")
+                self._timeout, self.cancel, "deadline")
         if self._handler.request_streaming:
             self._task = self._conn.loop.create_task(self._serve())
 
@@ -204,53 +198,16 @@ class Call:
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return self._metadata
 
-    def peer(self) -> str:
-        return f"unix:{self._conn.server.address}"
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
-
-    def cancelled(self) -> bool:
-        return self._cancel_reason in ("client", "connection", "deadline")
-
-    def done(self) -> bool:
-        return self._finished
-
     def add_done_callback(self, callback: Callable[[Call], None]) -> None:
         if self._finished:
             callback(self)
         else:
             self._callbacks.append(callback)
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        self._trailing = tuple(metadata)
-
-    async def send_initial_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        if self._headers_sent:
-            raise RuntimeError("initial metadata was already sent")
-        block = frames.RESPONSE_HEADERS + b"".join(frames.literal(k, v) for k, v in metadata)
-        self._headers_sent = True
-        self._conn.write(frames.frame(frames.HEADERS, frames.END_HEADERS, self.stream_id, block))
-
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: tuple = ()) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         if code == OK:
             raise ValueError("abort needs a status other than OK")
         self._code, self._details = code, details
-        if trailing_metadata:
-            self._trailing = tuple(trailing_metadata)
         raise grpc.aio.AbortError()
 
     async def read(self) -> Any:
@@ -279,9 +236,6 @@ class Call:
             raise asyncio.CancelledError()  # the client is gone; stop producing
         await self._conn.send_data(self, self._encode(message), self._headers_once())
 
-    def disable_next_message_compression(self) -> None:
-        pass  # messages are never compressed
-
     # ------------------------------------------------------------ the handler
 
     async def _serve(self) -> None:
@@ -306,10 +260,7 @@ class Call:
                     response = behaviour(argument, self)
                     if inspect.isawaitable(response):
                         response = await response
-                    if self._code is not None and self._code != OK:
-                        self._send_status(self._code, self._details)
-                    else:
-                        await self._send_unary(response)
+                    await self._send_unary(response)
             except grpc.aio.AbortError:
                 self._send_status(self._code or grpc.StatusCode.UNKNOWN, self._details)
             except RequestError as exc:
@@ -378,14 +329,10 @@ class Call:
                             frames.RESPONSE_HEADERS)
 
     def _trailers_frame(self) -> bytes:
-        block = _OK_TRAILERS if not self._trailing else status_block(OK, "", self._trailing)
         return frames.frame(frames.HEADERS, frames.END_HEADERS | frames.END_STREAM,
-                            self.stream_id, block)
+                            self.stream_id, _OK_TRAILERS)
 
     def _end_ok(self) -> None:
-        if self._code is not None and self._code != OK:
-            self._send_status(self._code, self._details)
-            return
         if self.closed:
             return
         if not self._headers_sent:
@@ -397,7 +344,7 @@ class Call:
     def _send_status(self, code: grpc.StatusCode, message: str) -> None:
         if self.closed:
             return
-        block = status_block(code, message, self._trailing)
+        block = status_block(code, message)
         if not self._headers_sent:
             # Trailers-only: one HEADERS frame carries the HTTP status and the gRPC one.
             block = frames.RESPONSE_HEADERS + block
