@@ -409,6 +409,35 @@ async def test_stream_window_overrun_resets_only_that_stream(served):
         assert (await peer.status(3))["grpc-status"] == "0"
 
 
+async def test_continuation_padding_and_priority(served):
+    _, _, path = served
+    async with RawPeer(path) as peer:
+        peer.start()
+        block = peer.encoder.encode([(":method", "POST"), (":scheme", "http"),
+                                     (":path", f"/{SERVICE}/Unary"), (":authority", "x"),
+                                     ("content-type", "application/grpc"),
+                                     ("big", "v" * 40_000)])
+        # Padded HEADERS with a priority section and only part of the block, the rest
+        # in CONTINUATION frames (each within the 16 KiB frame limit); then a padded
+        # DATA frame.
+        pad = 7
+        headers = bytes((pad,)) + b"\x00\x00\x00\x00\x10" + block[:10] + b"\0" * pad
+        rest = [block[i:i + 16_000] for i in range(10, len(block), 16_000)]
+        out = frames.frame(frames.HEADERS, frames.PADDED | frames.PRIORITY_FLAG, 1, headers)
+        for i, piece in enumerate(rest):
+            flags = frames.END_HEADERS if i == len(rest) - 1 else 0
+            out += frames.frame(frames.CONTINUATION, flags, 1, piece)
+        message = b"\x00" + struct.pack(">I", 5) + b"hello"
+        peer.send(out + frames.frame(frames.DATA, frames.PADDED | frames.END_STREAM, 1,
+                                     bytes((3,)) + message + b"\0" * 3))
+        assert (await peer.status(1))["grpc-status"] == "0"
+        # A frame between HEADERS and its CONTINUATION breaks the connection.
+        block = peer.encoder.encode([(":method", "POST"), (":path", f"/{SERVICE}/Unary")])
+        peer.send(frames.frame(frames.HEADERS, 0, 3, block)
+                  + frames.frame(frames.PING, 0, 0, b"12345678"))
+        assert await peer.goaway_code() == frames.PROTOCOL_ERROR
+
+
 async def test_ping_is_answered_and_unknown_frames_ignored(served):
     _, _, path = served
     async with RawPeer(path) as peer:
