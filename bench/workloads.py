@@ -248,11 +248,10 @@ class Content(Workload):
             ingest = timed(daemon.ctr, "content", "ingest", "--expected-size", str(size),
                            "--expected-digest", self.digest, f"bench-{rep}", stdin=source)
         get = timed(daemon.ctr, "content", "get", self.digest, stdout=subprocess.DEVNULL)
-        # Removing the record is not enough: while the blob's file waits for the next
+        # Removing the blob's record is not enough: while its file waits for the next
         # collection, both daemons take a new ingest of it without reading the data
         # (it "already exists"), and the next repetition would time nothing. Dropping
         # the holder with --sync waits for the collection that removes the file.
-        daemon.ctr("content", "delete", self.digest)
         daemon.ctr("images", "delete", "--sync", BLOB_IMAGE)
         return {"content.ingest": size / MIB / ingest, "content.get": size / MIB / get}
 

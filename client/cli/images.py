@@ -244,17 +244,6 @@ def _check_file(path: str) -> None:
         raise errors.NotFound(f"{path}: no such file")
 
 
-@image.command("import")
-@click.argument("archive", type=click.Path(dir_okay=False))
-@click.option("--base-name", default="", help="Name for images the archive names by tag only.")
-@click.option("--no-unpack", is_flag=True, help="Do not unpack layers after import.")
-@pass_settings
-def image_import(settings: Settings, archive: str, base_name: str, no_unpack: bool) -> None:
-    """Import an OCI archive or a `docker save` archive."""
-    _check_file(archive)
-    _import(settings, archive, base_name, not no_unpack)
-
-
 @cli.command("import")
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--base-name", default="", help="Name for images the archive names by tag only.")
@@ -264,6 +253,9 @@ def import_cmd(settings: Settings, archive: str, base_name: str, no_unpack: bool
     """Import an OCI archive or a `docker save` archive."""
     _check_file(archive)
     _import(settings, archive, base_name, not no_unpack)
+
+
+image.add_command(import_cmd)
 
 
 @cli.command()
@@ -288,8 +280,17 @@ def load(settings: Settings, path: str | None, no_unpack: bool) -> None:
 # -- save ---------------------------------------------------------------------------
 
 
-def _save(settings: Settings, names: tuple[str, ...], path: str | None,
-          platforms: tuple[str, ...], all_platforms: bool) -> None:
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--output", "-o", "path", default=None, type=click.Path(dir_okay=False),
+              help="Write to FILE [default: stdout].")
+@click.option("--platform", "platforms", multiple=True,
+              help="os/arch[/variant] (repeatable) [default: this host's].")
+@click.option("--all-platforms", is_flag=True, help="Every platform of multi-platform images.")
+@pass_settings
+def save(settings: Settings, names: tuple[str, ...], path: str | None,
+         platforms: tuple[str, ...], all_platforms: bool) -> None:
+    """Save images to an OCI archive (docker save; the daemon's Transfer service writes it)."""
     full = [str(reference.normalize(n)) for n in names]  # refuse bad names up front
     if path is None and sys.stdout.isatty():
         raise click.UsageError("refusing to write an archive to a terminal: give -o FILE "
@@ -305,33 +306,7 @@ def _save(settings: Settings, names: tuple[str, ...], path: str | None,
     settings.run(go)
 
 
-def _save_options(command):
-    command = click.option("--all-platforms", is_flag=True,
-                           help="Every platform of multi-platform images.")(command)
-    command = click.option("--platform", "platforms", multiple=True,
-                           help="os/arch[/variant] (repeatable) [default: this host's].")(command)
-    command = click.option("--output", "-o", "path", default=None,
-                           type=click.Path(dir_okay=False),
-                           help="Write to FILE [default: stdout].")(command)
-    return click.argument("names", nargs=-1, required=True)(command)
-
-
-@cli.command()
-@_save_options
-@pass_settings
-def save(settings: Settings, names: tuple[str, ...], path: str | None,
-         platforms: tuple[str, ...], all_platforms: bool) -> None:
-    """Save images to an OCI archive (docker save; the daemon's Transfer service writes it)."""
-    _save(settings, names, path, platforms, all_platforms)
-
-
-@image.command("save")
-@_save_options
-@pass_settings
-def image_save(settings: Settings, names: tuple[str, ...], path: str | None,
-               platforms: tuple[str, ...], all_platforms: bool) -> None:
-    """Save images to an OCI archive (docker save; the daemon's Transfer service writes it)."""
-    _save(settings, names, path, platforms, all_platforms)
+image.add_command(save)
 
 
 @image.command("build-default")

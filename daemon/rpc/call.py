@@ -71,6 +71,11 @@ def status_block(code: grpc.StatusCode, message: str) -> bytes:
     return block
 
 
+def trailers_only(code: grpc.StatusCode, message: str) -> bytes:
+    """A whole answer in one header block: the HTTP status with the gRPC one."""
+    return frames.RESPONSE_HEADERS + status_block(code, message)
+
+
 _OK_TRAILERS = status_block(OK, "")
 
 
@@ -344,10 +349,10 @@ class Call:
     def _send_status(self, code: grpc.StatusCode, message: str) -> None:
         if self.closed:
             return
-        block = status_block(code, message)
-        if not self._headers_sent:
-            # Trailers-only: one HEADERS frame carries the HTTP status and the gRPC one.
-            block = frames.RESPONSE_HEADERS + block
+        if self._headers_sent:
+            block = status_block(code, message)
+        else:
+            block = trailers_only(code, message)
             self._headers_sent = True
         self._conn.write(frames.frame(frames.HEADERS, frames.END_HEADERS | frames.END_STREAM,
                                       self.stream_id, block))

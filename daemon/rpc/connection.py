@@ -24,7 +24,7 @@ import hpack
 import structlog
 
 from . import frames
-from .call import Call, Metadatum, RequestError, parse_timeout, status_block
+from .call import Call, Metadatum, RequestError, parse_timeout, trailers_only
 from .frames import ProtocolError
 
 if TYPE_CHECKING:
@@ -403,8 +403,7 @@ class Connection(asyncio.Protocol):
     def _answer_status(self, stream_id: int, code: grpc.StatusCode, message: str,
                        end_stream: bool) -> None:
         log.info("rpc refused", stream=stream_id, code=code.name, error=message)
-        block = frames.RESPONSE_HEADERS + status_block(code, message)
-        self._answer(stream_id, block, end_stream)
+        self._answer(stream_id, trailers_only(code, message), end_stream)
 
     def _answer_http(self, stream_id: int, status: int, end_stream: bool) -> None:
         log.info("http request refused", stream=stream_id, status=status)

@@ -91,9 +91,7 @@ class Server:
             self._server.close()
         for conn in list(self.connections):
             conn.go_away()
-        deadline = asyncio.get_running_loop().time() + (grace or 0)
-        while self._active() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        await self._wait_idle(grace or 0)
         left = [call for conn in self.connections for call in conn.calls.values()]
         if left:
             log.warning("rpc calls cancelled at shutdown", count=len(left),
@@ -102,11 +100,13 @@ class Server:
             call.cancel("shutdown")
         # A cancelled handler still sends its status; a handler that ignores the
         # cancellation does not hold the daemon up for long.
-        deadline = asyncio.get_running_loop().time() + 1.0
-        while self._active() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        await self._wait_idle(1.0)
         for conn in list(self.connections):
             conn.close()
 
-    def _active(self) -> bool:
-        return any(conn.calls for conn in self.connections)
+    async def _wait_idle(self, seconds: float) -> None:
+        """Until no call is in flight, or ``seconds`` have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while any(conn.calls for conn in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
