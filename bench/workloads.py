@@ -340,6 +340,8 @@ class Concurrent(Workload):
             Metric("concurrent.start", f"{n} concurrent run -d", "s"),
             Metric("concurrent.pss", f"PSS per container, {n} running (daemon+shims)", "MiB"),
             Metric("concurrent.rss", f"RSS per container, {n} running (daemon+shims)", "MiB"),
+            Metric("concurrent.pss_daemon", f"  of which the daemon's PSS, {n} running", "MiB"),
+            Metric("concurrent.pss_shim", f"  of which PSS per shim, {n} running", "MiB"),
             Metric("concurrent.teardown", f"{n} concurrent kill+rm", "s"),
         )
 
@@ -354,13 +356,17 @@ class Concurrent(Workload):
         # The daemon, its helpers (ctrd's shim zygote) and its shims only: the
         # containers' own processes are the same busybox in both cases and would only
         # blur the difference.
-        rss, pss = _memory({daemon.pid, *daemon.child_pids(), *daemon.shim_pids()})
+        shims = set(daemon.shim_pids())
+        rss, pss = _memory({daemon.pid, *daemon.child_pids(), *shims})
+        _, pss_daemon = _memory({daemon.pid, *daemon.child_pids()})
         teardown = timed(_parallel, [daemon.ctr_cmd("tasks", "delete", "--force", cid)
                                      for cid in ids], daemon)
         teardown += timed(_parallel, [daemon.ctr_cmd("containers", "delete", cid)
                                       for cid in ids], daemon)
         return {"concurrent.start": start, "concurrent.pss": pss / n / MIB,
                 "concurrent.rss": rss / n / MIB,
+                "concurrent.pss_daemon": pss_daemon / MIB,
+                "concurrent.pss_shim": (pss - pss_daemon) / max(len(shims), 1) / MIB,
                 "concurrent.teardown": teardown}
 
 

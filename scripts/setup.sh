@@ -27,7 +27,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-PY=${PYTHON:-python3}
+# CPython 3.12 when the machine has it: its immortal objects let a forked shim share
+# far more memory with the zygote (shim/immortal.py). 3.11 works, with bigger shims.
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  local candidate
+  for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  echo python3
+}
+PY=$(pick_python)
+want=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ -x .venv/bin/python ] && [ "$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$want" ]; then
+  echo "setup: .venv is not Python $want; building it again"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
