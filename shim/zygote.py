@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from ctrd import errors, identifiers
 from ctrd.shim import immortal
 from ctrd.shim import start as shim_start
+from ctrd.shim import warmup
 from ctrd.shim.log import Logger
 from ctrd.ttrpc.addr import peer_is_same_user
 
@@ -216,6 +217,10 @@ class Zygote:
             signal.signal(sig, lambda *_: None)  # the wakeup fd tells the loop
         self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
         self._sel.register(self._wake[0], selectors.EVENT_READ, self._on_signal)
+        try:
+            warmup.warm_up()
+        except Exception as exc:  # noqa: BLE001 - only costs the shims some memory
+            self.log.warning("zygote_warmup_failed", error=f"{type(exc).__name__}: {exc}")
         # Everything alive now is shared with every shim: neither reference counts
         # nor the collector may write to it in the children (nor here).
         gc.collect()

@@ -1,5 +1,6 @@
-"""The zygote's immortalisation: reference counting stops writing to what it marked,
-nothing breaks afterwards, and interpreters it was not checked against are left alone."""
+"""What the zygote does before it forks: immortalisation (reference counting stops writing
+to what it marked, nothing breaks afterwards, unchecked interpreters are left alone) and
+the warm-up (which must leave nothing behind)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from ctrd.shim import immortal
 
 needs_support = pytest.mark.skipif(not immortal.supported(),
@@ -16,7 +16,7 @@ needs_support = pytest.mark.skipif(not immortal.supported(),
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-X", "dev", "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 @needs_support
@@ -96,3 +96,45 @@ def test_unsupported_interpreters_are_left_alone(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(immortal.sys, "version_info", (3, 14, 0))
     assert not immortal.supported()
     assert immortal.immortalize() == (0, 0)
+
+
+def test_warm_up_leaves_nothing_behind() -> None:
+    """The zygote forks right after: no thread, child, file or folder may remain."""
+    result = _run("""
+        import glob, os, threading, tempfile
+        from ctrd.shim.warmup import warm_up
+
+        fds = set(os.listdir("/proc/self/fd"))
+        warm_up()
+        assert threading.active_count() == 1, threading.enumerate()
+        assert set(os.listdir("/proc/self/fd")) == fds, (fds, os.listdir("/proc/self/fd"))
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            raise AssertionError("a child is left")
+        except ChildProcessError:
+            pass
+        assert not glob.glob(os.path.join(tempfile.gettempdir(), "ctrd-zygote-warmup-*"))
+        print("ok")
+        """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_failing_warm_up_raises_and_still_cleans_up() -> None:
+    result = _run("""
+        import os, threading
+        from ctrd.shim.warmup import warm_up
+
+        fds = set(os.listdir("/proc/self/fd"))
+        try:
+            warm_up("/nonexistent/command")
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("no error")
+        assert threading.active_count() == 1, threading.enumerate()
+        assert set(os.listdir("/proc/self/fd")) == fds
+        print("ok")
+        """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
