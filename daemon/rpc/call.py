@@ -3,7 +3,7 @@
 A :class:`Call` is also the servicer context handed to the handler, with the part of
 ``grpc.aio.ServicerContext`` that ctrd's services use (``invocation_metadata``,
 ``read``, ``write``, ``abort``, ``add_done_callback``), so services are written as for
-grpcio and registered through the generated ``add_*Servicer_to_server`` functions.
+grpcio.
 
 A unary request is only handed to its handler once the client has ended its side of
 the stream, so a unary call costs one task and no waiting; a streaming request starts
@@ -17,17 +17,18 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import grpc
 import structlog
 
 from . import frames
+from .handlers import MethodHandler
+from .status import EOF, AbortError, StatusCode, code_number
 
 if TYPE_CHECKING:
     from .connection import Connection
 
 log = structlog.get_logger()
 
-OK = grpc.StatusCode.OK
+OK = StatusCode.OK
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MESSAGE_PREFIX = 5  # compressed flag + 4-byte length
 
@@ -40,7 +41,7 @@ class Metadatum(NamedTuple):
 class RequestError(Exception):
     """The request itself is unusable; the call ends with ``code``."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -49,7 +50,7 @@ def parse_timeout(value: str) -> float:
     """Seconds from a ``grpc-timeout`` value: at most 8 digits and a unit letter."""
     digits, unit = value[:-1], value[-1:]
     if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
-        raise RequestError(grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {value!r}")
+        raise RequestError(StatusCode.INTERNAL, f"malformed grpc-timeout {value!r}")
     return int(digits) * _TIMEOUT_UNITS[unit]
 
 
@@ -64,14 +65,14 @@ def percent_encode(message: str) -> str:
     return "".join(out)
 
 
-def status_block(code: grpc.StatusCode, message: str) -> bytes:
-    block = frames.literal("grpc-status", str(code.value[0]))
+def status_block(code: StatusCode, message: str) -> bytes:
+    block = frames.literal("grpc-status", str(code_number(code)))
     if message:
         block += frames.literal("grpc-message", percent_encode(message))
     return block
 
 
-def trailers_only(code: grpc.StatusCode, message: str) -> bytes:
+def trailers_only(code: StatusCode, message: str) -> bytes:
     """A whole answer in one header block: the HTTP status with the gRPC one."""
     return frames.RESPONSE_HEADERS + status_block(code, message)
 
@@ -89,7 +90,7 @@ class Call:
         "_details", "_task", "_cancel_reason", "_callbacks", "_finished")
 
     def __init__(self, conn: Connection, stream_id: int, path: str,
-                 handler: grpc.RpcMethodHandler, metadata: tuple[Metadatum, ...],
+                 handler: MethodHandler, metadata: tuple[Metadatum, ...],
                  timeout: float | None) -> None:
         self._conn = conn
         self.stream_id = stream_id
@@ -111,7 +112,7 @@ class Call:
         # Outbound state.
         self._headers_sent = False
         self.closed = False  # trailers sent or stream reset: nothing more goes out
-        self._code: grpc.StatusCode | None = None
+        self._code: StatusCode | None = None
         self._details = ""
         self._task: asyncio.Task | None = None
         self._cancel_reason: str = ""  # "client", "deadline", "shutdown", "connection"
@@ -138,14 +139,14 @@ class Call:
             size = int.from_bytes(inbuf[1:5], "big")
             if size > limit:
                 self._fail_request(RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    StatusCode.RESOURCE_EXHAUSTED,
                     f"received message larger than max ({size} vs. {limit})"))
                 return
             if len(inbuf) < _MESSAGE_PREFIX + size:
                 break
             if inbuf[0]:
                 self._fail_request(RequestError(
-                    grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported"))
+                    StatusCode.UNIMPLEMENTED, "compressed messages are not supported"))
                 return
             with memoryview(inbuf) as view:  # one copy, and released before the del
                 self._messages.append(bytes(view[_MESSAGE_PREFIX:_MESSAGE_PREFIX + size]))
@@ -157,7 +158,7 @@ class Call:
         """The client ended its side: no more request bytes."""
         self.remote_closed = True
         if self._inbuf and self._request_error is None:
-            self._fail_request(RequestError(grpc.StatusCode.INTERNAL,
+            self._fail_request(RequestError(StatusCode.INTERNAL,
                                             "request stream ended inside a message"))
             return
         if self._task is None and not self.closed:
@@ -176,9 +177,9 @@ class Call:
         if self._task is None:
             # A unary call still waiting for its request: nothing runs yet.
             if reason == "deadline":
-                self._send_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                self._send_status(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             elif reason == "shutdown":
-                self._send_status(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                self._send_status(StatusCode.UNAVAILABLE, "server is shutting down")
             self._finish()
         else:
             self._task.cancel()
@@ -209,19 +210,19 @@ class Call:
         else:
             self._callbacks.append(callback)
 
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+    async def abort(self, code: StatusCode, details: str = "") -> None:
         if code == OK:
             raise ValueError("abort needs a status other than OK")
         self._code, self._details = code, details
-        raise grpc.aio.AbortError()
+        raise AbortError()
 
     async def read(self) -> Any:
-        """The next request message, or ``grpc.aio.EOF`` once the client is done."""
+        """The next request message, or ``EOF`` once the client is done."""
         while not self._messages:
             if self._request_error is not None:
                 await self.abort(self._request_error.code, str(self._request_error))
             if self.remote_closed:
-                return grpc.aio.EOF
+                return EOF
             self._reader = self._conn.loop.create_future()
             try:
                 await self._reader
@@ -266,20 +267,20 @@ class Call:
                     if inspect.isawaitable(response):
                         response = await response
                     await self._send_unary(response)
-            except grpc.aio.AbortError:
-                self._send_status(self._code or grpc.StatusCode.UNKNOWN, self._details)
+            except AbortError:
+                self._send_status(self._code or StatusCode.UNKNOWN, self._details)
             except RequestError as exc:
                 self._send_status(exc.code, str(exc))
             except asyncio.CancelledError:
                 if self._cancel_reason == "deadline":
-                    self._send_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                    self._send_status(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
                 elif self._cancel_reason == "shutdown":
-                    self._send_status(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                    self._send_status(StatusCode.UNAVAILABLE, "server is shutting down")
                 elif not self._cancel_reason:
                     raise  # not ours: the loop is going away
             except Exception as exc:  # noqa: BLE001 - the call must end with a status
                 log.exception("rpc handler failed", method=self.path)
-                self._send_status(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+                self._send_status(StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
         finally:
             self._finish()
 
@@ -287,7 +288,7 @@ class Call:
         if self._request_error is not None:
             raise self._request_error
         if len(self._messages) != 1:
-            raise RequestError(grpc.StatusCode.INTERNAL,
+            raise RequestError(StatusCode.INTERNAL,
                                f"expected one request message, got {len(self._messages)}")
         raw = self._messages.popleft()
         self.queued_bytes = 0
@@ -296,7 +297,7 @@ class Call:
     async def _requests(self) -> AsyncIterator[Any]:
         while True:
             message = await self.read()
-            if message is grpc.aio.EOF:
+            if message is EOF:
                 return
             yield message
 
@@ -307,7 +308,7 @@ class Call:
         try:
             return deserializer(raw)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
-            raise RequestError(grpc.StatusCode.INTERNAL,
+            raise RequestError(StatusCode.INTERNAL,
                                f"could not parse the request message: {exc}") from None
 
     def _encode(self, message: Any) -> bytes:
@@ -315,9 +316,9 @@ class Call:
         data = message if serializer is None else serializer(message)
         limit = self._conn.server.max_send_message_length
         if len(data) > limit:
-            self._code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self._code = StatusCode.RESOURCE_EXHAUSTED
             self._details = f"sent message larger than max ({len(data)} vs. {limit})"
-            raise grpc.aio.AbortError()
+            raise AbortError()
         # The 5-byte prefix: a zero "compressed" flag, then the 4-byte length.
         return len(data).to_bytes(_MESSAGE_PREFIX, "big") + data
 
@@ -346,7 +347,7 @@ class Call:
         self._conn.write(self._trailers_frame())
         self._closed_by_us()
 
-    def _send_status(self, code: grpc.StatusCode, message: str) -> None:
+    def _send_status(self, code: StatusCode, message: str) -> None:
         if self.closed:
             return
         if self._headers_sent:

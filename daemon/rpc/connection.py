@@ -19,13 +19,14 @@ import binascii
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
-import grpc
 import hpack
 import structlog
 
 from . import frames
 from .call import Call, Metadatum, RequestError, parse_timeout, trailers_only
 from .frames import ProtocolError
+from .handlers import MethodHandler
+from .status import StatusCode
 
 if TYPE_CHECKING:
     from .server import Server
@@ -51,7 +52,7 @@ _TRANSPORT_HEADERS = frozenset((
 
 class _Request(NamedTuple):
     path: str
-    handler: grpc.RpcMethodHandler
+    handler: MethodHandler
     metadata: tuple[Metadatum, ...]
     timeout: float | None
 
@@ -60,7 +61,7 @@ class _Refusal(NamedTuple):
     """A request answered without running anything: an HTTP status, or else a gRPC one."""
 
     http_status: int
-    code: grpc.StatusCode | None = None
+    code: StatusCode | None = None
     message: str = ""
 
 
@@ -379,7 +380,7 @@ class Connection(asyncio.Protocol):
                     try:
                         metadata.append(Metadatum(key, base64.b64decode(value + b"==")))
                     except binascii.Error:
-                        return _Refusal(0, grpc.StatusCode.INTERNAL, f"bad base64 in {key}")
+                        return _Refusal(0, StatusCode.INTERNAL, f"bad base64 in {key}")
                 else:
                     metadata.append(Metadatum(key, value.decode("latin-1")))
         if method != b"POST":
@@ -387,20 +388,20 @@ class Connection(asyncio.Protocol):
         if not content_type.startswith(b"application/grpc"):
             return _Refusal(415)
         if encoding not in (None, b"identity"):
-            return _Refusal(0, grpc.StatusCode.UNIMPLEMENTED,
+            return _Refusal(0, StatusCode.UNIMPLEMENTED,
                             f"message encoding {encoding.decode('latin-1')!r} is not supported")
         path_text = path.decode("latin-1")
         meta = tuple(metadata)
         handler = self.server.lookup(path_text, meta)
         if handler is None:
-            return _Refusal(0, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path_text}")
+            return _Refusal(0, StatusCode.UNIMPLEMENTED, f"Method not found: {path_text}")
         try:
             seconds = None if timeout is None else parse_timeout(timeout.decode("latin-1"))
         except RequestError as exc:
             return _Refusal(0, exc.code, str(exc))
         return _Request(path_text, handler, meta, seconds)
 
-    def _answer_status(self, stream_id: int, code: grpc.StatusCode, message: str,
+    def _answer_status(self, stream_id: int, code: StatusCode, message: str,
                        end_stream: bool) -> None:
         log.info("rpc refused", stream=stream_id, code=code.name, error=message)
         self._answer(stream_id, trailers_only(code, message), end_stream)

@@ -14,11 +14,11 @@ import asyncio
 import socket
 from typing import Any, NamedTuple
 
-import grpc
 import structlog
 
 from .call import Metadatum
 from .connection import Connection
+from .handlers import MethodHandler
 
 log = structlog.get_logger()
 
@@ -37,8 +37,8 @@ class Server:
         self.max_send_message_length = max_send_message_length
         self.address = ""
         self.connections: set[Connection] = set()
-        self._methods: dict[str, grpc.RpcMethodHandler] = {}
-        self._generic: list[grpc.GenericRpcHandler] = []
+        self._methods: dict[str, MethodHandler] = {}
+        self._generic: list[Any] = []  # grpcio GenericRpcHandlers
         self._sock: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None
 
@@ -48,11 +48,11 @@ class Server:
         self._generic.extend(handlers)
 
     def add_registered_method_handlers(self, service: str,
-                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+                                       handlers: dict[str, MethodHandler]) -> None:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}"] = handler
 
-    def lookup(self, path: str, metadata: tuple[Metadatum, ...]) -> grpc.RpcMethodHandler | None:
+    def lookup(self, path: str, metadata: tuple[Metadatum, ...]) -> MethodHandler | None:
         handler = self._methods.get(path)
         if handler is None:
             details = _CallDetails(path, metadata)

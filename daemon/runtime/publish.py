@@ -11,11 +11,8 @@ import argparse
 import sys
 from typing import BinaryIO
 
-import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
-
-from ctrd.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 
 CONNECT_TIMEOUT = 2.0
 
@@ -29,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def publish(address: str, namespace: str, topic: str, stdin: BinaryIO) -> int:
     """Send one event; returns the process exit status, printing why it failed."""
+    # Imported here: the daemon itself serves gRPC without grpcio (daemon/rpc).
+    import grpc
+
+    from ctrd.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
     try:
         event = any_pb2.Any.FromString(stdin.read())
     except DecodeError as exc:

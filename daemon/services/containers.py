@@ -7,7 +7,6 @@ from google.protobuf import any_pb2, empty_pb2
 
 from ctrd.api.containerd.events import container_pb2 as ev
 from ctrd.api.containerd.services.containers.v1 import containers_pb2 as pb
-from ctrd.api.containerd.services.containers.v1 import containers_pb2_grpc as pb_grpc
 from ctrd.errors import InvalidArgument
 
 from ..events.exchange import Exchange
@@ -77,14 +76,14 @@ def _set_any(target: any_pb2.Any, value: AnyValue) -> None:
     target.value = value.value
 
 
-class ContainersService(pb_grpc.ContainersServicer):
+class ContainersService:
     def __init__(self, store: ContainerStore, events: Exchange, gc: Scheduler) -> None:
         self.store = store
         self.events = events
         self.gc = gc
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_ContainersServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Containers"], self)
 
     async def Get(self, request: pb.GetContainerRequest, context) -> pb.GetContainerResponse:
         c = await self.store.get(rpcctx.namespace(context), request.id)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.content.v1 import content_pb2 as pb
-from ctrd.api.containerd.services.content.v1 import content_pb2_grpc as pb_grpc
 from ctrd.errors import AlreadyExists, CtrdError, InvalidArgument, NotFound, OutOfRange
 from ctrd.oci import digest as digests
 from ctrd.protoutil import timestamp
@@ -48,12 +47,12 @@ def _valid(digest: str) -> str:
     return digest
 
 
-class ContentGrpc(pb_grpc.ContentServicer):
+class ContentGrpc:
     def __init__(self, content: ContentService) -> None:
         self.content = content
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_ContentServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Content"], self)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         info = await self.content.info(namespace(context), _valid(request.digest))

@@ -5,23 +5,26 @@ containerd clients send the namespace in the ``containerd-namespace`` metadata k
 """
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
 
 from ctrd import identifiers
 from ctrd.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    from ..rpc.call import Call
 
 NAMESPACE_KEY = "containerd-namespace"
 LEASE_KEY = "containerd-lease"
 
 
-def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+def metadata_value(context: Call, key: str) -> str | None:
     for item in context.invocation_metadata() or ():
         if item.key == key:
             return item.value if isinstance(item.value, str) else item.value.decode()
     return None
 
 
-def namespace(context: grpc.aio.ServicerContext) -> str:
+def namespace(context: Call) -> str:
     """The request's namespace; containerd answers FailedPrecondition when it is absent."""
     name = metadata_value(context, NAMESPACE_KEY)
     if not name:
@@ -33,5 +36,5 @@ def namespace(context: grpc.aio.ServicerContext) -> str:
     return name
 
 
-def lease(context: grpc.aio.ServicerContext) -> str | None:
+def lease(context: Call) -> str | None:
     return metadata_value(context, LEASE_KEY) or None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ctrd.api.containerd.services.diff.v1 import diff_pb2 as pb
-from ctrd.api.containerd.services.diff.v1 import diff_pb2_grpc as pb_grpc
 from ctrd.oci.descriptor import Descriptor
 
 from ..diff.walking import WalkingDiffer
@@ -12,12 +11,12 @@ from .interceptor import Registrar
 from .snapshots import mounts_from_pb
 
 
-class DiffService(pb_grpc.DiffServicer):
+class DiffService:
     def __init__(self, differ: WalkingDiffer) -> None:
         self.differ = differ
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_DiffServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Diff"], self)
 
     async def Apply(self, request: pb.ApplyRequest, context) -> pb.ApplyResponse:
         applied = await self.differ.apply(namespace(context), Descriptor.from_pb(request.diff),

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.events.v1 import events_pb2 as pb
-from ctrd.api.containerd.services.events.v1 import events_pb2_grpc as pb_grpc
 from ctrd.protoutil import nanos, timestamp
 
 from ..events.exchange import Envelope, Exchange
@@ -21,12 +20,12 @@ def envelope_to_pb(env: Envelope) -> pb.Envelope:
                        topic=env.topic, event=env.event)
 
 
-class EventsService(pb_grpc.EventsServicer):
+class EventsService:
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_EventsServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Events"], self)
 
     async def Publish(self, request: pb.PublishRequest, context) -> empty_pb2.Empty:
         # Publish stamps the time itself, like containerd; Forward keeps the sender's.

@@ -5,7 +5,6 @@ from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import image_pb2 as ev
 from ctrd.api.containerd.services.images.v1 import images_pb2 as pb
-from ctrd.api.containerd.services.images.v1 import images_pb2_grpc as pb_grpc
 from ctrd.api.containerd.types import descriptor_pb2
 from ctrd.errors import InvalidArgument
 from ctrd.protoutil import timestamp
@@ -33,14 +32,14 @@ def _from_pb(msg: pb.Image) -> Image:
                  dict(msg.labels))
 
 
-class ImagesService(pb_grpc.ImagesServicer):
+class ImagesService:
     def __init__(self, store: ImageStore, events: Exchange, gc: Scheduler) -> None:
         self.store = store
         self.events = events
         self.gc = gc
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_ImagesServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Images"], self)
 
     async def Get(self, request: pb.GetImageRequest, context) -> pb.GetImageResponse:
         return pb.GetImageResponse(image=_to_pb(await self.store.get(namespace(context),

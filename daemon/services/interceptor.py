@@ -17,17 +17,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import structlog
+from google.protobuf.descriptor import ServiceDescriptor
 
 from ctrd.errors import CtrdError, to_code
 
 from ..rpc import Server
+from ..rpc.call import Call
+from ..rpc.handlers import MethodHandler, service_handlers
+from ..rpc.status import AbortError, StatusCode
 from .context import NAMESPACE_KEY, metadata_value
 
 log = structlog.get_logger()
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+_CODES = {c.value: c for c in StatusCode}
 
 
 class ErrorInterceptor:
@@ -42,22 +44,15 @@ class ErrorInterceptor:
         """What services register on instead of ``server``: it wraps their handlers."""
         return Registrar(server, self)
 
-    def wrap_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        for kind in _KINDS:
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                factory = getattr(grpc, f"{kind}_rpc_method_handler")
-                return factory(self._wrap(method, behaviour),
-                               request_deserializer=handler.request_deserializer,
-                               response_serializer=handler.response_serializer)
-        return handler
+    def wrap_handler(self, method: str, handler: MethodHandler) -> MethodHandler:
+        return handler.with_behaviour(self._wrap(method, handler.behaviour))
 
     def _wrap(self, method: str, behaviour: Callable) -> Callable:
         ok, failed = self._recorders(method)
         report = self._report
 
         if inspect.isasyncgenfunction(behaviour):
-            async def stream(request: Any, context: grpc.aio.ServicerContext):
+            async def stream(request: Any, context: Call):
                 start = time.monotonic()
                 code = "OK"
                 try:
@@ -79,7 +74,7 @@ class ErrorInterceptor:
             return stream
 
         # Unary handlers, and streaming ones written against context.read()/write().
-        async def call(request: Any, context: grpc.aio.ServicerContext):
+        async def call(request: Any, context: Call):
             start = time.monotonic()
             try:
                 result = await behaviour(request, context)
@@ -100,12 +95,12 @@ class ErrorInterceptor:
             return (lambda seconds: None), (lambda code, seconds: None)
         return self._metrics.recorder(method)
 
-    def _report(self, method: str, context: grpc.aio.ServicerContext,
-                exc: Exception) -> tuple[grpc.StatusCode, str]:
-        if isinstance(exc, grpc.aio.AbortError):
+    def _report(self, method: str, context: Call,
+                exc: Exception) -> tuple[StatusCode, str]:
+        if isinstance(exc, AbortError):
             raise exc  # the handler aborted on purpose; its status stands
         number, message = to_code(exc)
-        status = _CODES.get(number, grpc.StatusCode.UNKNOWN)
+        status = _CODES.get(number, StatusCode.UNKNOWN)
         bound = log.bind(method=method, namespace=metadata_value(context, NAMESPACE_KEY),
                          code=status.name)
         if isinstance(exc, CtrdError):
@@ -116,44 +111,15 @@ class ErrorInterceptor:
 
 
 class Registrar:
-    """Stands in for the server while services register: wraps each handler once.
-
-    Generated ``add_*Servicer_to_server`` functions register every service twice,
-    as a generic handler and as pre-registered methods; both are wrapped, the
-    generic one lazily and cached per method name."""
+    """Stands in for the server while services register: wraps each handler once."""
 
     def __init__(self, server: Server, interceptor: ErrorInterceptor) -> None:
         self._server = server
         self._interceptor = interceptor
 
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_WrappedGeneric(h, self._interceptor) for h in handlers))
-
-    def add_registered_method_handlers(self, service: str,
-                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_service(self, descriptor: ServiceDescriptor, servicer: object) -> None:
+        """Serve the methods ``servicer`` has of the protobuf service ``descriptor``."""
+        service = descriptor.full_name
         self._server.add_registered_method_handlers(service, {
             name: self._interceptor.wrap_handler(f"/{service}/{name}", handler)
-            for name, handler in handlers.items()})
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: ErrorInterceptor) -> None:
-        self._inner = inner
-        self._interceptor = interceptor
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
-        try:
-            return self._cache[method]
-        except KeyError:
-            pass
-        handler = self._inner.service(details)
-        if handler is not None:
-            handler = self._interceptor.wrap_handler(method, handler)
-        # Only names the inner handler knows are kept: a stream of made-up method
-        # names must not grow the cache.
-        if handler is not None:
-            self._cache[method] = handler
-        return handler
+            for name, handler in service_handlers(descriptor, servicer).items()})

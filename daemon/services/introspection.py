@@ -10,7 +10,6 @@ from google.rpc import status_pb2
 
 from ctrd import filters
 from ctrd.api.containerd.services.introspection.v1 import introspection_pb2 as pb
-from ctrd.api.containerd.services.introspection.v1 import introspection_pb2_grpc as pb_grpc
 from ctrd.errors import to_code
 
 from ..plugin import InitContext, Loaded, Registry, SkipPlugin
@@ -45,13 +44,13 @@ def _fields(entry: Loaded):
     return field
 
 
-class IntrospectionService(pb_grpc.IntrospectionServicer):
+class IntrospectionService:
     def __init__(self, registry: Registry, server_uuid: str) -> None:
         self.registry = registry
         self.uuid = server_uuid
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_IntrospectionServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Introspection"], self)
 
     async def Plugins(self, request: pb.PluginsRequest, context) -> pb.PluginsResponse:
         matcher = filters.parse_all(list(request.filters))

@@ -8,7 +8,6 @@ import time
 from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.services.leases.v1 import leases_pb2 as pb
-from ctrd.api.containerd.services.leases.v1 import leases_pb2_grpc as pb_grpc
 from ctrd.protoutil import timestamp
 
 from ..gc.scheduler import Scheduler
@@ -31,13 +30,13 @@ def _resource(msg: pb.Resource) -> Resource:
     return Resource(msg.id, msg.type)
 
 
-class LeasesService(pb_grpc.LeasesServicer):
+class LeasesService:
     def __init__(self, store: LeaseStore, gc: Scheduler) -> None:
         self.store = store
         self.gc = gc
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_LeasesServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Leases"], self)
 
     async def Create(self, request: pb.CreateRequest, context) -> pb.CreateResponse:
         lease = await self.store.create(namespace(context), request.id or _random_id(),

@@ -5,7 +5,6 @@ from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import namespace_pb2 as ev
 from ctrd.api.containerd.services.namespaces.v1 import namespace_pb2 as pb
-from ctrd.api.containerd.services.namespaces.v1 import namespace_pb2_grpc as pb_grpc
 from ctrd.errors import InvalidArgument
 
 from ..events.exchange import Exchange
@@ -18,13 +17,13 @@ def _to_pb(ns: Namespace) -> pb.Namespace:
     return pb.Namespace(name=ns.name, labels=ns.labels)
 
 
-class NamespacesService(pb_grpc.NamespacesServicer):
+class NamespacesService:
     def __init__(self, store: NamespaceStore, events: Exchange) -> None:
         self.store = store
         self.events = events
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_NamespacesServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Namespaces"], self)
 
     async def Get(self, request: pb.GetNamespaceRequest, context) -> pb.GetNamespaceResponse:
         return pb.GetNamespaceResponse(namespace=_to_pb(await self.store.get(request.name)))

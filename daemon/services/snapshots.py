@@ -7,7 +7,6 @@ from google.protobuf import empty_pb2
 
 from ctrd.api.containerd.events import snapshot_pb2 as ev
 from ctrd.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from ctrd.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from ctrd.api.containerd.types import mount_pb2
 from ctrd.protoutil import nanos, timestamp
 
@@ -39,14 +38,14 @@ def _to_pb(info: SnapshotInfo) -> pb.Info:
                    labels=info.labels)
 
 
-class SnapshotsService(pb_grpc.SnapshotsServicer):
+class SnapshotsService:
     def __init__(self, store: SnapshotStore, events: Exchange, gc: Scheduler) -> None:
         self.store = store
         self.events = events
         self.gc = gc
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_SnapshotsServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Snapshots"], self)
 
     async def Prepare(self, request: pb.PrepareSnapshotRequest,
                       context) -> pb.PrepareSnapshotResponse:

@@ -1,30 +1,30 @@
 """containerd.services.streaming.v1.Streaming: client-opened streams for transfers."""
 from __future__ import annotations
 
-import grpc
 from google.protobuf import empty_pb2
 
 from ctrd import protoutil
 from ctrd.api.containerd.services.streaming.v1 import streaming_pb2 as pb
-from ctrd.api.containerd.services.streaming.v1 import streaming_pb2_grpc as pb_grpc
 from ctrd.errors import InvalidArgument
 
 from ..plugin import INTERNAL, InitContext
+from ..rpc.call import Call
+from ..rpc.status import EOF
 from ..transfer.streams import Stream, StreamManager
 from .context import NAMESPACE_KEY, metadata_value
 from .interceptor import Registrar
 
 
-class StreamingService(pb_grpc.StreamingServicer):
+class StreamingService:
     def __init__(self, manager: StreamManager) -> None:
         self.manager = manager
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_StreamingServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Streaming"], self)
 
-    async def Stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def Stream(self, request_iterator, context: Call) -> None:
         first = await context.read()
-        if first is grpc.aio.EOF:
+        if first is EOF:
             return
         init = protoutil.unpack(first)
         if not isinstance(init, pb.StreamInit) or not init.id:

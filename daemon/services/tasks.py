@@ -17,7 +17,6 @@ from google.protobuf import any_pb2, empty_pb2
 from ctrd import filters, identifiers
 from ctrd.api.containerd.runc.options import oci_pb2 as runc_options
 from ctrd.api.containerd.services.tasks.v1 import tasks_pb2 as pb
-from ctrd.api.containerd.services.tasks.v1 import tasks_pb2_grpc as pb_grpc
 from ctrd.api.containerd.types import metrics_pb2, mount_pb2
 from ctrd.api.containerd.types.task import task_pb2
 from ctrd.errors import CtrdError, InvalidArgument, NotFound, Unimplemented
@@ -52,7 +51,7 @@ def _unpack_runc(value: any_pb2.Any | None, type_name: str, cls):
     return msg
 
 
-class TasksService(pb_grpc.TasksServicer):
+class TasksService:
     def __init__(self, containers: ContainerStore, tasks: TaskManager,
                  registry: Registry | None = None) -> None:
         self.containers = containers
@@ -60,7 +59,7 @@ class TasksService(pb_grpc.TasksServicer):
         self._registry = registry
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_TasksServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Tasks"], self)
 
     # -- helpers -----------------------------------------------------------
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import grpc
 import structlog
 from google.protobuf import empty_pb2
 
 from ctrd import protoutil, reference
 from ctrd.api.containerd.services.transfer.v1 import transfer_pb2 as pb
-from ctrd.api.containerd.services.transfer.v1 import transfer_pb2_grpc as pb_grpc
 from ctrd.api.containerd.types.transfer import (
     imagestore_pb2,
     importexport_pb2,
@@ -61,7 +59,7 @@ class _ProgressSender:
                                         total=item.total)
             try:
                 await self.stream.send(msg)
-            except (Unavailable, grpc.aio.AioRpcError, RuntimeError) as exc:
+            except (Unavailable, RuntimeError) as exc:
                 log.info("progress stream gone", error=str(exc))
                 return
 
@@ -97,13 +95,13 @@ def _platform(pb_platform) -> Platform:
     return Platform(pb_platform.os, pb_platform.architecture, pb_platform.variant)
 
 
-class TransferService(pb_grpc.TransferServicer):
+class TransferService:
     def __init__(self, local: LocalTransfer, streams: StreamManager) -> None:
         self.local = local
         self.streams = streams
 
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_TransferServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Transfer"], self)
 
     def _resolver(self, ns: str, registry: registry_pb2.OCIRegistry) -> Resolver:
         res = registry.resolver

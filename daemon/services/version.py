@@ -5,7 +5,6 @@ from google.protobuf import empty_pb2
 
 from ctrd import __version__
 from ctrd.api.containerd.services.version.v1 import version_pb2 as pb
-from ctrd.api.containerd.services.version.v1 import version_pb2_grpc as pb_grpc
 
 from ..plugin import InitContext
 from .interceptor import Registrar
@@ -15,9 +14,9 @@ from .interceptor import Registrar
 API_VERSION = "1.6.20"
 
 
-class VersionService(pb_grpc.VersionServicer):
+class VersionService:
     def register(self, server: Registrar) -> None:
-        pb_grpc.add_VersionServicer_to_server(self, server)
+        server.add_service(pb.DESCRIPTOR.services_by_name["Version"], self)
 
     async def Version(self, request: empty_pb2.Empty, context) -> pb.VersionResponse:
         return pb.VersionResponse(version=f"{API_VERSION}+ctrd.{__version__}", revision="ctrd")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -18,11 +17,14 @@ from ctrd import protoutil
 from ctrd.api.containerd.types.transfer import streaming_pb2
 from ctrd.errors import AlreadyExists, NotFound, Unavailable
 
+from ..rpc.call import Call
+from ..rpc.status import EOF, AbortError
+
 
 class Stream:
     """One registered stream: send and receive protobuf messages packed in Any."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: Call) -> None:
         self._context = context
         self._closed = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -49,9 +51,9 @@ class Stream:
             raise EOFError("stream closed")
         try:
             item = read.result()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as exc:
+        except (AbortError, RuntimeError) as exc:
             raise EOFError(f"stream failed: {exc}") from None
-        if item is grpc.aio.EOF:
+        if item is EOF:
             raise EOFError("stream ended")
         assert isinstance(item, any_pb2.Any)
         return protoutil.unpack(item)

@@ -15,12 +15,14 @@ import grpc
 import hpack
 import pytest
 from ctrd.daemon.rpc import Server, frames
+from ctrd.daemon.rpc.status import EOF
 
 SERVICE = "test.Echo"
 
 
 class Echo:
-    """A service on raw bytes (no serializers), with a handler of every kind."""
+    """A service on raw bytes (no serializers), with a handler of every kind, registered
+the grpcio way (a generic handler), which the server still accepts."""
 
     def __init__(self) -> None:
         self.done: list[str] = []
@@ -67,7 +69,7 @@ class Echo:
         context.add_done_callback(lambda _: self.done.append("bidi"))
         while True:
             item = await context.read()
-            if item is grpc.aio.EOF:
+            if item is EOF:
                 return
             await context.write(item.upper())
 
@@ -493,3 +495,61 @@ def test_only_unix_sockets(tmp_path):
             server.add_insecure_port(f"unix://{tmp_path / 'taken'}")
     finally:
         sock.close()
+
+
+# ------------------------------------------ services from protobuf descriptors
+
+
+async def test_descriptor_services_through_the_registrar(tmp_path) -> None:
+    """How the daemon's services register: by descriptor, wrapped by the interceptor.
+    Methods the servicer lacks are UNIMPLEMENTED; core errors map to their codes."""
+    from ctrd.daemon.services.interceptor import ErrorInterceptor
+    from google.protobuf import empty_pb2
+
+    from ctrd.api.containerd.services.namespaces.v1 import namespace_pb2 as ns_pb
+    from ctrd.api.containerd.services.namespaces.v1 import namespace_pb2_grpc as ns_grpc
+    from ctrd.api.containerd.services.version.v1 import version_pb2_grpc
+    from ctrd.errors import NotFound
+
+    class Namespaces:  # only Get and List
+        async def Get(self, request, context):
+            raise NotFound(f"namespace {request.name} not found")
+
+        async def List(self, request, context):
+            return ns_pb.ListNamespacesResponse(namespaces=[ns_pb.Namespace(name="a")])
+
+    server = Server()
+    ErrorInterceptor().registrar(server).add_service(
+        ns_pb.DESCRIPTOR.services_by_name["Namespaces"], Namespaces())
+    path = str(tmp_path / "rpc.sock")
+    server.add_insecure_port(f"unix://{path}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{path}") as ch:
+            stub = ns_grpc.NamespacesStub(ch)
+            listed = await stub.List(ns_pb.ListNamespacesRequest())
+            assert [n.name for n in listed.namespaces] == ["a"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Get(ns_pb.GetNamespaceRequest(name="x"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "namespace x not found" in info.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Delete(ns_pb.DeleteNamespaceRequest(name="x"))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # a service never registered
+                await version_pb2_grpc.VersionStub(ch).Version(empty_pb2.Empty())
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0)
+
+
+def test_the_daemon_does_not_load_grpcio() -> None:
+    """grpcio's C core would cost the daemon ~12 MiB that every container shares."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ctrd.daemon.main, ctrd.daemon.plugins; "
+            "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
