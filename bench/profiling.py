@@ -51,7 +51,7 @@ class Profiler:
         if self.py_spy:
             return []
         return [sys.executable, "-m", "cProfile", "-o", str(self.cprofile_out),
-                "-m", "ctrd.daemon.main"]
+                "-m", "ctrd.daemon.entry"]
 
     @contextlib.contextmanager
     def during(self, workload: str, daemon: Daemon) -> Iterator[None]:

@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import structlog
 
 from ctrd.errors import InvalidArgument, Unauthenticated
+from ctrd.lazyimport import lazy_module
+
+httpx = lazy_module("httpx")  # only pulls and pushes need it
 
 log = structlog.get_logger()
 

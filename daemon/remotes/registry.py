@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urljoin
 
-import httpx
 import structlog
 
 from ctrd.errors import (
@@ -25,6 +24,7 @@ from ctrd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ctrd.lazyimport import lazy_module
 from ctrd.oci import digest as digests
 from ctrd.oci import mediatypes
 from ctrd.oci.descriptor import Descriptor
@@ -32,7 +32,9 @@ from ctrd.reference import Reference
 
 from .auth import repository_scope
 from .hosts import PULL, PUSH, RESOLVE, RegistryHost
-from .transport import Request, Transport, transport_error, backoff_delay
+from .transport import Request, Transport, backoff_delay, transport_error
+
+httpx = lazy_module("httpx")  # only pulls and pushes need it
 
 log = structlog.get_logger()
 

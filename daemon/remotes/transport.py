@@ -13,7 +13,6 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
 import structlog
 
 from ctrd.errors import (
@@ -26,9 +25,12 @@ from ctrd.errors import (
     Unauthenticated,
     Unavailable,
 )
+from ctrd.lazyimport import lazy_module
 
 from .auth import Authorizer
 from .hosts import RegistryHost, TLSSettings
+
+httpx = lazy_module("httpx")  # only pulls and pushes need it
 
 log = structlog.get_logger()
 

@@ -543,13 +543,23 @@ async def test_descriptor_services_through_the_registrar(tmp_path) -> None:
         await server.stop(0)
 
 
-def test_the_daemon_does_not_load_grpcio() -> None:
-    """grpcio's C core would cost the daemon ~12 MiB that every container shares."""
+def test_the_daemon_loads_neither_grpcio_nor_rich_nor_httpx() -> None:
+    """grpcio's C core (~12 MiB), rich (~3 MiB) and httpx (~4.7 MiB, loaded on the
+    first pull) would be memory that every running container shares."""
     import subprocess
     import sys
 
-    code = ("import sys, ctrd.daemon.main, ctrd.daemon.plugins; "
-            "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))")
+    code = ("import contextlib, io, sys\n"
+            "sys.argv = ['ctrd', 'config', 'default']\n"
+            "from ctrd.daemon import entry\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    entry.main()\n"
+            "import ctrd.daemon.plugins\n"
+            "names = ('grpc', 'rich', 'httpx', 'httpcore', 'h11', 'anyio')\n"
+            "loaded = [m for m in sys.modules if m.split('.')[0] in names\n"
+            "          and sys.modules[m] is not None\n"
+            "          and type(sys.modules[m]).__name__ != '_LazyModule']\n"
+            "print(sorted(loaded))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
