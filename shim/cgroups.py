@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
+import selectors
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -37,20 +37,25 @@ def memory_cgroup(pid: int) -> str | None:
 
 
 class OOMWatcher:
-    """One thread waiting on every watched container's OOM notification.
+    """Waits for every watched container's OOM notification on the shim's main loop.
 
     v1: an eventfd registered on memory.oom_control through cgroup.event_control.
     v2: inotify on memory.events, reporting when its oom_kill counter grows.
+
+    Watches are added and removed from request threads while the main thread waits
+    in the selector; epoll allows that, and a notification for an fd that was
+    removed meanwhile (or whose number was reused) is dropped by the lookup in
+    ``_fired``.
     """
 
-    def __init__(self, on_oom: Callable[[str], None], log: Logger) -> None:
+    def __init__(self, on_oom: Callable[[str], None], log: Logger,
+                 selector: selectors.BaseSelector) -> None:
         self._on_oom = on_oom
         self._log = log
+        self._selector = selector
         self._lock = threading.Lock()
         self._watches: dict[int, tuple[str, str]] = {}  # fd -> (container id, cgroup dir)
         self._oom_kills: dict[str, int] = {}
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread: threading.Thread | None = None
 
     def add(self, container_id: str, pid: int) -> None:
         cg = memory_cgroup(pid)
@@ -64,21 +69,18 @@ class OOMWatcher:
             return
         with self._lock:
             self._watches[fd] = (container_id, cg)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="oom", daemon=True)
-                self._thread.start()
-        os.write(self._wake_w, b"x")
+            self._selector.register(fd, selectors.EVENT_READ, self._fired)
 
     def remove(self, container_id: str) -> None:
         with self._lock:
             for fd, (cid, _) in list(self._watches.items()):
                 if cid == container_id:
                     del self._watches[fd]
+                    self._selector.unregister(fd)
                     os.close(fd)
-        os.write(self._wake_w, b"x")
 
     def _watch_v1(self, cg: str) -> int:
-        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             ctl = os.open(os.path.join(cg, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -104,31 +106,16 @@ class OOMWatcher:
         self._oom_kills[cg] = _oom_kill_count(cg)
         return fd
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                fds = list(self._watches)
-            ready, _, _ = select.select([self._wake_r, *fds], [], [])
-            for fd in ready:
-                if fd == self._wake_r:
-                    while True:
-                        try:
-                            if not os.read(self._wake_r, 64):
-                                break
-                        except BlockingIOError:
-                            break
-                    continue
-                with self._lock:
-                    watch = self._watches.get(fd)
-                if watch is None:
-                    continue
-                self._fired(fd, *watch)
-
-    def _fired(self, fd: int, container_id: str, cg: str) -> None:
-        try:
-            os.read(fd, 4096)
-        except OSError:
-            pass
+    def _fired(self, fd: int) -> None:
+        with self._lock:
+            watch = self._watches.get(fd)
+            if watch is None:
+                return
+            try:
+                os.read(fd, 4096)
+            except OSError:
+                pass
+        container_id, cg = watch
         if not os.path.isdir(cg):  # the cgroup went away, which also signals the eventfd
             self.remove(container_id)
             return

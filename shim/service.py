@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import selectors
 import threading
 import time
 from collections.abc import Callable
@@ -94,7 +95,7 @@ def kills_all_on_exit(bundle: str) -> bool:
 
 class TaskService:
     def __init__(self, namespace: str, publisher: Publisher, log: Logger,
-                 request_shutdown: Callable[[], None]) -> None:
+                 request_shutdown: Callable[[], None], selector: selectors.BaseSelector) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.log = log
@@ -105,7 +106,7 @@ class TaskService:
         self._containers: dict[str, Container] = {}
         self._unclaimed: dict[int, Exit] = {}
         self._exits: queue.Queue[Exit] = queue.Queue()
-        self._oom = cgroups.OOMWatcher(self._on_oom, log)
+        self._oom = cgroups.OOMWatcher(self._on_oom, log, selector)
         threading.Thread(target=self._process_exits, name="exits", daemon=True).start()
 
     # --- helpers ----------------------------------------------------------------

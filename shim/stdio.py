@@ -146,22 +146,46 @@ class PipeIO:
         for fd in self._process_fds:
             _close(fd)
         self._process_fds = []
-        targets = {"stdout": self.stdio.stdout, "stderr": self.stdio.stderr}
-        users = {t: sum(1 for n in self._readers if targets[n] == t) for t in self._outputs}
-        lock = threading.Lock()
-
-        def copy_out(name: str) -> None:
-            target = targets[name]
-            _copy(self._readers[name], self._outputs[target], self._log, name, close_dst=False)
-            with lock:  # a destination shared by stdout and stderr closes after both
-                users[target] -= 1
-                last = users[target] == 0
-            if last:
-                _close(self._outputs[target])
-
-        for name in self._readers:
-            self._threads.append(_thread(copy_out, name))
+        if self._readers:
+            self._threads.append(_thread(self._copy_outputs))
         self._copying = True
+
+    def _copy_outputs(self) -> None:
+        """stdout and stderr on one thread (each thread costs a shim ~36 KiB). Writes
+        block, so a client that stops reading one stream holds up the other too, as
+        the process itself would be held up by its full pipe. A destination both
+        streams share is closed after the second one ends."""
+        targets = {"stdout": self.stdio.stdout, "stderr": self.stdio.stderr}
+        copying = {fd: self._outputs[targets[name]] for name, fd in self._readers.items()}
+        try:
+            while copying:
+                ready, _, _ = select.select(list(copying), [], [])
+                for src in ready:
+                    if not self._copy_chunk(src, copying[src]):
+                        dst = copying.pop(src)
+                        _close(src)
+                        if dst not in copying.values():
+                            _close(dst)
+        finally:
+            for fd in {*copying, *copying.values()}:
+                _close(fd)
+
+    def _copy_chunk(self, src: int, dst: int) -> bool:
+        """Copy what ``src`` has; False once it ended or ``dst`` failed."""
+        try:
+            data = os.read(src, BUF)
+        except OSError:
+            return False
+        if not data:
+            return False
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(dst, view):]
+        except OSError as exc:
+            self._log.debug("stdio_copy_stopped", error=str(exc))
+            return False
+        return True
 
     def start_stdin(self) -> None:
         """Begin feeding the process's stdin. Deferred until the process starts so a

@@ -156,6 +156,54 @@ class Client:
             p.done.set()
 
 
+class SerialClient:
+    """One connection used by one thread, one call at a time: the answer is read by
+    the caller itself, so no reader thread waits beside it (the shim's events)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._next_id = 1
+        self._decoder = framing.Decoder()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, address: str, timeout: float | None = 10.0) -> SerialClient:
+        return cls(dial(address, timeout))
+
+    def call_raw(self, service: str, method: str, payload: bytes,
+                 timeout: float | None = None, metadata: Metadata | None = None) -> bytes:
+        if self.closed:
+            raise ClosedError("ttrpc: closed")
+        stream_id = self._next_id
+        self._next_id += 2  # client streams are odd
+        data = codec.encode_request(service, method, payload, timeout, metadata)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.sendall(framing.encode(stream_id, framing.TYPE_REQUEST, data))
+            while True:
+                chunk = self._sock.recv(RECV_SIZE)
+                if not chunk:
+                    raise ClosedError("ttrpc: connection closed by peer")
+                for frame in self._decoder.feed(chunk):
+                    if frame.stream_id == stream_id:  # others: answers to calls given up on
+                        return codec.decode_response_frame(frame)
+        except TimeoutError:
+            # The answer may still come; the stream is no longer in step with us.
+            self.close()
+            raise errors.DeadlineExceeded(
+                f"ttrpc: {service}/{method} timed out after {timeout}s") from None
+        except OSError as exc:
+            self.close()
+            raise ClosedError(f"ttrpc: {exc}") from None
+        except ClosedError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
+
+
 class _Conn:
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
@@ -245,16 +293,32 @@ class Server:
                 if self._closing:
                     return
                 raise
-            if self._require_same_user and not peer_is_same_user(sock):
+            if not self._adopt(sock):
+                return
+
+    def accept(self, listener: socket.socket) -> None:
+        """Take one pending connection from a non-blocking listener, for a caller
+        that waits on the listener itself (the shim's main loop: a thread less)."""
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> bool:
+        """Serve ``sock`` on a reader thread; False once the server is closing."""
+        sock.setblocking(True)
+        if self._require_same_user and not peer_is_same_user(sock):
+            sock.close()
+            return True
+        conn = _Conn(self, sock)
+        with self._lock:
+            if self._closing:
                 sock.close()
-                continue
-            conn = _Conn(self, sock)
-            with self._lock:
-                if self._closing:
-                    sock.close()
-                    return
-                self._conns.add(conn)
-            threading.Thread(target=conn.read_loop, name="ttrpc-conn", daemon=True).start()
+                return False
+            self._conns.add(conn)
+        threading.Thread(target=conn.read_loop, name="ttrpc-conn", daemon=True).start()
+        return True
 
     def serve_in_thread(self, listener: socket.socket) -> threading.Thread:
         thread = threading.Thread(target=self.serve, args=(listener,), name="ttrpc-accept",

@@ -104,6 +104,31 @@ def test_pipe_io_copies_to_fifos_and_honours_close_io() -> None:
         os.close(err_r)
 
 
+def test_pipe_io_one_copier_for_a_shared_destination() -> None:
+    """stdout and stderr to the same fifo, copied by one thread: both arrive, and the
+    client sees EOF only once both streams ended."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        os.mkfifo(out)
+        out_r = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        before = threading.active_count()
+        pio = PipeIO(Stdio("", out, out), os.getuid(), os.getgid(), Logger(level="error"))
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo one; exec 1>&-; sleep 0.3; echo two >&2"],
+            stdin=pio.fds[0], stdout=pio.fds[1], stderr=pio.fds[2])
+        pio.start_copy()
+        assert threading.active_count() == before + 1
+        assert proc.wait(10) == 0
+        pio.wait(5)
+        os.set_blocking(out_r, True)
+        data = b""
+        while chunk := os.read(out_r, 100):
+            data += chunk
+        assert data == b"one\ntwo\n"
+        pio.close()
+        os.close(out_r)
+
+
 def test_mount_options() -> None:
     flags, data = parse_options(("rbind", "ro", "lowerdir=/a"))
     assert flags == MS_BIND | MS_REC | MS_RDONLY and data == "lowerdir=/a"

@@ -217,6 +217,71 @@ def test_blocking_close_fails_pending(sock_path: str) -> None:
     listener.close()
 
 
+def test_serial_client_answers_errors_timeout_and_peer_gone(
+        blocking_server: tuple[str, Task], sock_path: str) -> None:
+    """The events client: no reader thread, the caller reads its own answer."""
+    path, task = blocking_server
+    before = threading.active_count()
+    client = blocking.SerialClient.connect(path)
+    assert threading.active_count() == before
+    req = shim_pb2.ConnectRequest(id="v2").SerializeToString()
+    resp = shim_pb2.ConnectResponse.FromString(client.call_raw(SERVICE, "Connect", req, timeout=5))
+    assert resp.version == "v2"
+    with pytest.raises(errors.NotFound):  # an error status leaves the connection usable
+        client.call_raw(SERVICE, "State", shim_pb2.StateRequest(id="x").SerializeToString())
+    assert not client.closed
+    with pytest.raises(errors.DeadlineExceeded):  # out of step afterwards: closed
+        client.call_raw(SERVICE, "Wait", shim_pb2.WaitRequest(id="1").SerializeToString(),
+                        timeout=0.2)
+    assert client.closed
+    with pytest.raises(ClosedError):
+        client.call_raw(SERVICE, "Connect", req)
+
+
+def test_serial_client_peer_closing_or_babbling(sock_path: str) -> None:
+    listener = listen(sock_path)
+    client = blocking.SerialClient.connect(sock_path)
+    conn, _ = listener.accept()
+
+    def peer() -> None:
+        conn.recv(1 << 16)
+        # An answer for a stream never asked, then garbage past the header, then EOF.
+        conn.sendall(framing.encode(99, framing.TYPE_RESPONSE, b"\x0a\x00"))
+        conn.close()
+
+    t = threading.Thread(target=peer)
+    t.start()
+    with pytest.raises(ClosedError):
+        client.call_raw(SERVICE, "Connect", b"", timeout=5)
+    t.join(5)
+    assert client.closed
+    listener.close()
+
+
+def test_server_accept_serves_from_a_polled_listener(sock_path: str) -> None:
+    """The shim's main loop waits on the listener and hands each connection over."""
+    import selectors
+
+    server = blocking.Server()
+    server.register_impl(shim_pb2.DESCRIPTOR.services_by_name["Task"], Task())
+    listener = listen(sock_path)
+    listener.setblocking(False)
+    server.accept(listener)  # nothing pending: returns at once
+    with selectors.DefaultSelector() as sel:
+        sel.register(listener, selectors.EVENT_READ)
+        clients = [blocking.Client.connect(sock_path) for _ in range(3)]
+        served = 0
+        while served < 3 and sel.select(5):
+            server.accept(listener)
+            served += 1
+    for client in clients:
+        with client:
+            assert client.call(SERVICE, "Connect", shim_pb2.ConnectRequest(id="p"),
+                               shim_pb2.ConnectResponse, timeout=5).version == "p"
+    server.shutdown(grace=1)
+    listener.close()
+
+
 def test_server_rejects_even_stream_and_oversize(blocking_server: tuple[str, Task]) -> None:
     path, _ = blocking_server
     s = socket.socket(socket.AF_UNIX)
