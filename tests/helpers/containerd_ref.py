@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
+from .daemon_proc import DaemonProc
 from .procs import shim_pids
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
-CTR = shutil.which("ctr") or "/usr/bin/ctr"
 SHIM = "containerd-shim-runc-v2"
 # Fixed paths of containerd 1.6's runc shim, shared by every daemon on the machine.
 SOCKET_ROOT = "/run/containerd"
@@ -61,25 +61,8 @@ requires_containerd = pytest.mark.skipif(
 
 
 @dataclass
-class ContainerdRef:
-    base: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def root(self) -> Path:
-        return self.base / "root"
-
-    @property
-    def state(self) -> Path:
-        return self.base / "state"
-
-    @property
-    def address(self) -> str:
-        return str(self.base / "containerd.sock")
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / "containerd.log"
+class ContainerdRef(DaemonProc):
+    NAME = "containerd"
 
     @property
     def config_path(self) -> Path:
@@ -117,23 +100,6 @@ class ContainerdRef:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"containerd did not come up in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-20000:]
-        except OSError:
-            return ""
-
-    def ctr(self, *args: str, namespace: str = "default", check: bool = True,
-            input: str | bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        cmd = [CTR, "--address", self.address, "--namespace", namespace, *args]
-        r = subprocess.run(cmd, capture_output=True, input=input, timeout=timeout,
-                           text=not isinstance(input, bytes))
-        if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n"
-                                 f"stdout: {r.stdout}\nstderr: {r.stderr}\n"
-                                 f"--- containerd log ---\n{self.log()[-5000:]}")
-        return r
 
     def namespaces(self) -> list[str]:
         r = self.ctr("namespaces", "list", "--quiet", check=False, timeout=20)

@@ -10,32 +10,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .daemon_proc import DaemonProc
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
 @dataclass
-class CtrdProcess:
-    base: Path
+class CtrdProcess(DaemonProc):
     extra_args: list[str] = field(default_factory=list)
     config_text: str = ""
-    proc: subprocess.Popen | None = None
 
-    @property
-    def root(self) -> Path:
-        return self.base / "root"
-
-    @property
-    def state(self) -> Path:
-        return self.base / "state"
-
-    @property
-    def address(self) -> str:
-        return str(self.base / "ctrd.sock")
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / "ctrd.log"
+    NAME = "ctrd"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -43,7 +29,7 @@ class CtrdProcess:
         env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         return env
 
-    def start(self, timeout: float = 20.0) -> "CtrdProcess":
+    def start(self, timeout: float = 20.0) -> CtrdProcess:
         cmd = [str(BIN / "ctrd"), "--root", str(self.root), "--state", str(self.state),
                "--address", self.address, "--log-level", "debug", *self.extra_args]
         if self.config_text:
@@ -64,15 +50,7 @@ class CtrdProcess:
         raise RuntimeError(f"ctrd did not come up in {timeout}s:\n{self.log()}")
 
     def _answers(self) -> bool:
-        r = subprocess.run(["ctr", "--address", self.address, "version"],
-                           capture_output=True, timeout=10)
-        return r.returncode == 0
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-20000:]
-        except OSError:
-            return ""
+        return self.ctr("version", check=False, timeout=10).returncode == 0
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -88,17 +66,6 @@ class CtrdProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-    def ctr(self, *args: str, namespace: str = "default", check: bool = True,
-            input: str | bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        cmd = ["ctr", "--address", self.address, "--namespace", namespace, *args]
-        r = subprocess.run(cmd, capture_output=True, input=input, timeout=timeout,
-                           env=self.env(), text=not isinstance(input, bytes))
-        if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n"
-                                 f"stdout: {r.stdout}\nstderr: {r.stderr}\n--- ctrd log ---\n"
-                                 f"{self.log()[-5000:]}")
-        return r
 
 
 def new_base(prefix: str = "ctrd-test-") -> Path:

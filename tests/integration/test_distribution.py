@@ -58,12 +58,6 @@ def plain_registry(workdir: Path) -> Iterator[Registry]:
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    async with temporary_stores(tmp_path) as made:
-        yield made
-
-
-@pytest.fixture
 async def pool() -> AsyncIterator[HTTPPool]:
     pool = HTTPPool()
     try:

@@ -31,7 +31,6 @@ from ctrd.errors import (
 )
 from ctrd.oci import busybox, writer
 from helpers.faultproxy import Fault, FaultProxy
-from helpers.stores import temporary_stores
 from helpers.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
@@ -65,12 +64,6 @@ def proxy(env) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
-
-
-@pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    async with temporary_stores(tmp_path) as made:
-        yield made
 
 
 @pytest.fixture
