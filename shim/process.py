@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import selectors
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ def read_pid_file(path: str) -> int:
 class IOOptions:
     uid: int = 0
     gid: int = 0
+    selector: selectors.BaseSelector | None = None  # the shim's main loop (stdin waits there)
 
 
 class Process:
@@ -107,7 +109,8 @@ class Process:
                     io_opts: IOOptions) -> None:
         """Run a runc verb that starts a process, wiring its stdio (pipes or a pty)."""
         sock = ConsoleSocket() if self.stdio.terminal else None
-        io = None if sock else PipeIO(self.stdio, io_opts.uid, io_opts.gid, self.log)
+        io = None if sock else PipeIO(self.stdio, io_opts.uid, io_opts.gid, self.log,
+                                      io_opts.selector)
         try:
             if sock is not None:
                 devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -115,7 +118,8 @@ class Process:
                     runc_call(sock.path, (devnull, devnull, devnull))
                 finally:
                     os.close(devnull)
-                self.console = Console(sock.receive_master(), self.stdio, self.log)
+                self.console = Console(sock.receive_master(), self.stdio, self.log,
+                                       io_opts.selector)
             else:
                 assert io is not None
                 runc_call(None, io.fds)

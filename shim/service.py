@@ -106,6 +106,7 @@ class TaskService:
         self._containers: dict[str, Container] = {}
         self._unclaimed: dict[int, Exit] = {}
         self._exits: queue.Queue[Exit] = queue.Queue()
+        self._selector = selector
         self._oom = cgroups.OOMWatcher(self._on_oom, log, selector)
         threading.Thread(target=self._process_exits, name="exits", daemon=True).start()
 
@@ -191,7 +192,7 @@ class TaskService:
                         os.path.join(r.bundle, "log.json"), opts.systemd_cgroup)
             init = Init(r.id, r.bundle, runc,
                         Stdio(r.stdin, r.stdout, r.stderr, r.terminal), rootfs, log,
-                        IOOptions(opts.io_uid, opts.io_gid), opts.no_pivot_root,
+                        IOOptions(opts.io_uid, opts.io_gid, self._selector), opts.no_pivot_root,
                         opts.no_new_keyring)
             init.create()
         except BaseException:

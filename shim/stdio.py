@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import selectors
 import socket
 import struct
 import termios
@@ -104,12 +105,55 @@ def _thread(target: object, *args: object) -> threading.Thread:
     return t
 
 
+class _StdinCopy:
+    """Copies a client's stdin fifo into the process, on a thread started only once
+    the fifo first becomes readable (data, or EOF after CloseIO): most clients never
+    write (``ctr run -d`` names a stdin fifo all the same), and a thread waiting for
+    nothing would cost the shim ~36 KiB. Until then the shim's main loop watches it."""
+
+    def __init__(self, src: int, dst: int, log: Logger,
+                 selector: selectors.BaseSelector | None) -> None:
+        self._src, self._dst, self._log = src, dst, log
+        self._selector = selector
+        self._lock = threading.Lock()
+        self._waiting = selector is not None
+        if selector is None:
+            self._start()
+        else:
+            selector.register(src, selectors.EVENT_READ, self._readable)
+
+    def _readable(self, fd: int) -> None:  # on the main loop
+        if self._stop_waiting():
+            self._start()
+
+    def _start(self) -> None:
+        _thread(_copy, self._src, self._dst, self._log, "stdin")
+
+    def _stop_waiting(self) -> bool:
+        with self._lock:
+            if not self._waiting:
+                return False
+            self._waiting = False
+            assert self._selector is not None
+            self._selector.unregister(self._src)
+            return True
+
+    def cancel(self) -> None:
+        """The process is done: release both ends if no thread ever took them."""
+        if self._stop_waiting():
+            _close(self._src)
+            _close(self._dst)
+
+
 class PipeIO:
     """Pipes between runc (the process's fds 0-2) and the client's stdio."""
 
-    def __init__(self, stdio: Stdio, uid: int, gid: int, log: Logger) -> None:
+    def __init__(self, stdio: Stdio, uid: int, gid: int, log: Logger,
+                 selector: selectors.BaseSelector | None = None) -> None:
         self.stdio = stdio
         self._log = log
+        self._selector = selector  # the main loop's, for waiting on stdin
+        self._stdin_copy: _StdinCopy | None = None
         self._threads: list[threading.Thread] = []
         self.stdin_fifo: StdinFifo | None = None
         self._process_fds: list[int] = []  # ends given to runc, closed once it started
@@ -194,7 +238,7 @@ class PipeIO:
             return
         self.stdin_fifo = StdinFifo(self.stdio.stdin)
         w, self._stdin_w = self._stdin_w, None
-        _thread(_copy, self.stdin_fifo.reader, w, self._log, "stdin")
+        self._stdin_copy = _StdinCopy(self.stdin_fifo.reader, w, self._log, self._selector)
 
     def wait(self, timeout: float) -> None:
         """Give the output copies time to drain after the process exited."""
@@ -209,6 +253,8 @@ class PipeIO:
         self._process_fds, self._stdin_w = [], None
         if self.stdin_fifo is not None:
             self.stdin_fifo.close_writer()
+        if self._stdin_copy is not None:
+            self._stdin_copy.cancel()
 
 
 class ConsoleSocket:
@@ -246,9 +292,12 @@ class ConsoleSocket:
 class Console:
     """Copies between a pty master and the client's fifos."""
 
-    def __init__(self, master: int, stdio: Stdio, log: Logger) -> None:
+    def __init__(self, master: int, stdio: Stdio, log: Logger,
+                 selector: selectors.BaseSelector | None = None) -> None:
         self.master = master
         self._log = log
+        self._selector = selector
+        self._stdin_copy: _StdinCopy | None = None
         self.stdin_fifo: StdinFifo | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._out = _open_output(stdio.stdout) if stdio.stdout else None
@@ -263,7 +312,8 @@ class Console:
         if not self._stdin_path or self.stdin_fifo is not None:
             return
         self.stdin_fifo = StdinFifo(self._stdin_path)
-        _thread(_copy, self.stdin_fifo.reader, os.dup(self.master), self._log, "stdin")
+        self._stdin_copy = _StdinCopy(self.stdin_fifo.reader, os.dup(self.master), self._log,
+                                      self._selector)
 
     def _copy_out(self) -> None:
         try:
@@ -325,5 +375,7 @@ class Console:
             self._closed = True
         if self.stdin_fifo is not None:
             self.stdin_fifo.close_writer()
+        if self._stdin_copy is not None:
+            self._stdin_copy.cancel()
         for fd in (self.master, self._stop_r, self._stop_w):
             _close(fd)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -127,6 +128,57 @@ def test_pipe_io_one_copier_for_a_shared_destination() -> None:
         assert data == b"one\ntwo\n"
         pio.close()
         os.close(out_r)
+
+
+def test_stdin_copier_starts_on_first_data_only() -> None:
+    """With the main loop's selector, a stdin nobody writes to costs no thread."""
+    import selectors
+
+    with tempfile.TemporaryDirectory() as d, selectors.DefaultSelector() as sel:
+        stdin = os.path.join(d, "in")
+        os.mkfifo(stdin)
+        stop = threading.Event()
+
+        def main_loop() -> None:
+            while not stop.is_set():
+                for key, _ in sel.select(0.05):
+                    key.data(key.fd)
+
+        loop = threading.Thread(target=main_loop)
+        loop.start()
+        try:
+            pio = PipeIO(Stdio(stdin, "", ""), os.getuid(), os.getgid(), Logger(level="error"),
+                         sel)
+            proc = subprocess.Popen(["cat"], stdin=pio.fds[0], stdout=subprocess.PIPE)
+            pio.start_copy()
+            before = threading.active_count()
+            pio.start_stdin()
+            time.sleep(0.2)
+            assert threading.active_count() == before  # waiting on the selector only
+            client = os.open(stdin, os.O_WRONLY)
+            os.write(client, b"late\n")
+            os.close(client)
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"late\n"
+            assert pio.stdin_fifo is not None
+            pio.stdin_fifo.close_writer()  # CloseIO: cat sees EOF
+            assert proc.wait(10) == 0
+            pio.close()
+
+            # Never written to: close() releases both ends without a thread.
+            idle = PipeIO(Stdio(stdin, "", ""), os.getuid(), os.getgid(), Logger(level="error"),
+                          sel)
+            fds_before = set(os.listdir("/proc/self/fd"))
+            proc = subprocess.Popen(["sleep", "0"], stdin=idle.fds[0])
+            idle.start_copy()
+            idle.start_stdin()
+            assert proc.wait(10) == 0
+            idle.close()
+            assert len(sel.get_map()) == 0
+            assert set(os.listdir("/proc/self/fd")) <= fds_before
+        finally:
+            stop.set()
+            loop.join(5)
 
 
 def test_mount_options() -> None:
