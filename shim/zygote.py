@@ -14,8 +14,9 @@ writes is copied (``gc.freeze`` keeps the collector from writing to the imported
 objects, and on CPython 3.12 immortal.py keeps reference counting from doing so).
 
 A shim is forked twice, the middle process exiting at once, so that it belongs to
-neither the zygote nor the daemon and outlives both. The zygote stays single
-threaded, so a forked child holds no lock another thread owned; the child closes
+neither the zygote nor the daemon and outlives both. The zygote is single threaded
+when it forks (warmup.py joins its threads first), so a forked child holds no lock
+another thread owned; the child closes
 what the zygote had open and starts its threads afresh. ``random`` re-seeds itself
 in a forked child (it registers an at-fork hook), as does tempfile's name sequence.
 

@@ -211,7 +211,7 @@ class Call:
             self._callbacks.append(callback)
 
     async def abort(self, code: StatusCode, details: str = "") -> None:
-        if code == OK:
+        if code_number(code) == OK:  # ours or a grpc.StatusCode
             raise ValueError("abort needs a status other than OK")
         self._code, self._details = code, details
         raise AbortError()
@@ -360,7 +360,7 @@ class Call:
         # After a successful call a client still sending is let be (grpcio's client fails
         # its last writes, and the call with them, on a reset); after a failure it is
         # stopped, since it may be pushing a message too large to ever be read.
-        self._closed_by_us(stop_client=code != OK)
+        self._closed_by_us(stop_client=code_number(code) != OK)
 
     def _closed_by_us(self, stop_client: bool = False) -> None:
         self.closed = True
