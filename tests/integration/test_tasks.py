@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers.procs import shim_pids  # noqa: E402
 from helpers.runtime_env import CGROUP_ROOT, SHIMS, Runtime, rootfs_dir  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -314,17 +315,11 @@ def test_kill_stopped_task_with_ctr(rt: Runtime) -> None:
 
 
 def _shim_pid(rt: Runtime, cid: str) -> int:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # The `start` invocation is gone by now: whatever matches is the long-lived shim.
-        if b"-id" in argv and cid.encode() in argv and rt.daemon.address.encode() in argv:
-            return int(proc.name)
-    raise AssertionError(f"no shim for {cid}")
+    # The `start` invocation is gone by now: whatever matches is the long-lived shim.
+    pids = shim_pids(rt.daemon.address, cid)
+    if not pids:
+        raise AssertionError(f"no shim for {cid}")
+    return pids[0]
 
 
 def _alive(pid: int) -> bool:
