@@ -1,8 +1,9 @@
 """The long-lived shim process: serve the Task API until told to shut down.
 
 The main thread waits on one selector for signals (SIGCHLD means reap; SIGTERM and
-SIGINT mean stop), the Shutdown call, new ttrpc connections and OOM notifications;
-each connection and each request runs on a thread of its own. Every thread a shim
+SIGINT mean stop), the Shutdown call, new ttrpc connections, OOM notifications and
+stdin fifos nobody has written to yet; each connection and each request runs on a
+thread of its own. Nothing run here may block. Every thread a shim
 keeps costs it ~36 KiB, so what only needs waking up waits here.
 """
 from __future__ import annotations
