@@ -101,6 +101,9 @@ class FaultProxy:
                     self.rfile.readline()
 
             def _simple(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+                # Logged before answering: a client may act on the answer (and a test
+                # count the log) before this thread runs again.
+                proxy.log.append((self.command, self.path, status))
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -108,7 +111,6 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
-                proxy.log.append((self.command, self.path, status))
 
             def _handle(self) -> None:
                 body = self._body()
@@ -145,6 +147,7 @@ class FaultProxy:
             def _relay(self, response: http.client.HTTPResponse, data: bytes,
                        fault: Fault | None) -> None:
                 kind = fault.kind if fault else ""
+                proxy.log.append((self.command, self.path, response.status))  # before answering
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
@@ -153,7 +156,6 @@ class FaultProxy:
                 self.send_header("content-length", length if self.command == "HEAD" and length
                                  else str(len(data)))
                 self.end_headers()
-                proxy.log.append((self.command, self.path, response.status))
                 if self.command == "HEAD":
                     return
                 if kind == "corrupt" and data:
