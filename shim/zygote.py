@@ -191,7 +191,8 @@ class _Spawn:
 
 
 class Zygote:
-    def __init__(self, socket_path: str, state: str, log: Logger) -> None:
+    def __init__(self, socket_path: str, state: str, log: Logger, parent: int = 0) -> None:
+        self.parent = parent  # the daemon's pid; 0: whoever started us
         self.socket_path = socket_path
         self.state = state
         self.log = log
@@ -203,11 +204,16 @@ class Zygote:
         self._stop = False
 
     def run(self) -> int:
-        parent = os.getppid()
+        parent = self.parent or os.getppid()
         # Told at once when the parent (the daemon's thread that started us) dies, so a
         # restarted daemon's zygote finds the socket free; polling getppid() below
         # covers the rest.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            # The daemon died before we could ask to be told (a SIGKILL while this
+            # interpreter was starting): nobody will ever ask us for a shim.
+            self.log.info("zygote_parent_gone", parent=parent)
+            return 0
         for name in PRELOAD:
             __import__(name)
         self._listener = _bind(self.socket_path)
@@ -509,16 +515,20 @@ async def spawn_via_zygote(sock_path: str, request: SpawnRequest,
 
 
 def main(argv: list[str]) -> int:
-    """``containerd-shim-ctrd-v2 zygote -socket PATH -state DIR [-debug]``; SIGTERM stops it."""
+    """``containerd-shim-ctrd-v2 zygote -socket PATH -state DIR [-parent PID] [-debug]``;
+    SIGTERM stops it, and so does its parent's death."""
     parser = argparse.ArgumentParser(prog=f"{NAME} zygote")
     parser.add_argument("-socket", "--socket", required=True, help="unix socket to listen on")
     parser.add_argument("-state", "--state", required=True,
                         help="the daemon's task state folder; bundles must live under it")
+    parser.add_argument("-parent", "--parent", type=int, default=0,
+                        help="the daemon's pid: exit at once if it is not our parent")
     parser.add_argument("-debug", "--debug", action="store_true")
     args = parser.parse_args(argv)
     log = Logger({"zygote_pid": os.getpid()}, "debug" if args.debug else "info")
     try:
-        return Zygote(os.path.abspath(args.socket), os.path.abspath(args.state), log).run()
+        return Zygote(os.path.abspath(args.socket), os.path.abspath(args.state), log,
+                      args.parent).run()
     except errors.CtrdError as exc:
         print(f"{NAME} zygote: {exc}", file=sys.stderr)
         return 1

@@ -65,7 +65,8 @@ class ShimZygote:
         return await spawn_via_zygote(self.socket_path, request, timeout)
 
     async def _supervise(self) -> None:
-        argv = [self.binary, "zygote", "-socket", self.socket_path, "-state", str(self.state)]
+        argv = [self.binary, "zygote", "-socket", self.socket_path, "-state", str(self.state),
+                "-parent", str(os.getpid())]
         if self.debug:
             argv.append("-debug")
         for attempt in range(START_ATTEMPTS):

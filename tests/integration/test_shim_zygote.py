@@ -333,3 +333,18 @@ def test_the_zygote_ends_with_its_parent(env: Env) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_zygote_whose_daemon_already_died_exits(env: Env) -> None:
+    """The daemon names itself with -parent: a zygote that finds another parent (the
+    daemon was killed while the interpreter started, before the zygote could ask to be
+    told of its death) leaves at once instead of waiting forever, socket unbound."""
+    sock = env.base / "late.sock"
+    proc = subprocess.run([SHIM, "zygote", "-socket", str(sock), "-state", str(env.state),
+                           "-parent", "1"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "zygote_parent_gone" in proc.stderr
+    assert not sock.exists()
+    bad = subprocess.run([SHIM, "zygote", "-socket", str(sock), "-state", str(env.state),
+                          "-parent", "x"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "-parent" in bad.stderr
