@@ -392,7 +392,7 @@ class Connection(asyncio.Protocol):
                             f"message encoding {encoding.decode('latin-1')!r} is not supported")
         path_text = path.decode("latin-1")
         meta = tuple(metadata)
-        handler = self.server.lookup(path_text, meta)
+        handler = self.server.lookup(path_text)
         if handler is None:
             return _Refusal(0, StatusCode.UNIMPLEMENTED, f"Method not found: {path_text}")
         try:

@@ -1,4 +1,4 @@
-"""The daemon's gRPC server: handlers registered as on grpcio's, served by our own HTTP/2.
+"""The daemon's gRPC server: method handlers by path, served by our own HTTP/2.
 
 Why not ``grpc.aio.server``: grpcio runs its transport on C-core threads and hands
 every completed operation to the event loop through a poller thread, several thread
@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, NamedTuple
 
 import structlog
 
-from .call import Metadatum
 from .connection import Connection
 from .handlers import MethodHandler
 
 log = structlog.get_logger()
-
-
-class _CallDetails(NamedTuple):
-    """What a generic handler's ``service()`` looks at (grpc.HandlerCallDetails)."""
-
-    method: str
-    invocation_metadata: tuple[Metadatum, ...]
 
 
 class Server:
@@ -38,29 +29,18 @@ class Server:
         self.address = ""
         self.connections: set[Connection] = set()
         self._methods: dict[str, MethodHandler] = {}
-        self._generic: list[Any] = []  # grpcio GenericRpcHandlers
         self._sock: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None
 
-    # ------------------------------------------- registration (as grpcio's)
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._generic.extend(handlers)
+    # ------------------------------------------------------------ registration
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, MethodHandler]) -> None:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}"] = handler
 
-    def lookup(self, path: str, metadata: tuple[Metadatum, ...]) -> MethodHandler | None:
-        handler = self._methods.get(path)
-        if handler is None:
-            details = _CallDetails(path, metadata)
-            for generic in self._generic:
-                handler = generic.service(details)
-                if handler is not None:
-                    break
-        return handler
+    def lookup(self, path: str) -> MethodHandler | None:
+        return self._methods.get(path)
 
     # ------------------------------------------------------------ serving
 

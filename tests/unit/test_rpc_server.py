@@ -21,8 +21,8 @@ SERVICE = "test.Echo"
 
 
 class Echo:
-    """A service on raw bytes (no serializers), with a handler of every kind, registered
-the grpcio way (a generic handler), which the server still accepts."""
+    """A service on raw bytes (no serializers), with a handler of every kind; grpcio's
+handler objects serve as well as the daemon's own."""
 
     def __init__(self) -> None:
         self.done: list[str] = []
@@ -73,22 +73,22 @@ the grpcio way (a generic handler), which the server still accepts."""
                 return
             await context.write(item.upper())
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
             "ServerStreamWrite": grpc.unary_stream_rpc_method_handler(self.server_stream_write),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall),
-        })
+        }
 
 
 @pytest.fixture
 async def served(tmp_path):
     echo = Echo()
     server = Server(max_receive_message_length=8 << 20, max_send_message_length=8 << 20)
-    server.add_generic_rpc_handlers((echo.handler(),))
+    server.add_registered_method_handlers(SERVICE, echo.handlers())
     path = str(tmp_path / "rpc.sock")
     server.add_insecure_port(f"unix://{path}")
     await server.start()
@@ -173,10 +173,10 @@ async def test_undecodable_messages(tmp_path):
             await context.write(item)
 
     server = Server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+    server.add_registered_method_handlers(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=parse),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi, request_deserializer=parse),
-    }),))
+    })
     path = str(tmp_path / "p.sock")
     server.add_insecure_port(f"unix://{path}")
     await server.start()
@@ -249,8 +249,8 @@ async def test_stop_lets_calls_finish_then_refuses(tmp_path):
         return b"finished"
 
     server = Server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        SERVICE, {"Slow": grpc.unary_unary_rpc_method_handler(slow)}),))
+    server.add_registered_method_handlers(
+        SERVICE, {"Slow": grpc.unary_unary_rpc_method_handler(slow)})
     path = str(tmp_path / "s.sock")
     server.add_insecure_port(f"unix://{path}")
     await server.start()
