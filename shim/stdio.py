@@ -77,26 +77,32 @@ class StdinFifo:
         _close(fd)
 
 
-def _copy(src: int, dst: int, log: Logger, name: str, close_src: bool = True,
-          close_dst: bool = True) -> None:
+def _copy_chunk(src: int, dst: int, log: Logger, name: str) -> bool:
+    """Copy what ``src`` has now; False once it ended or ``dst`` failed."""
     try:
-        while True:
-            try:
-                data = os.read(src, BUF)
-            except OSError:  # EIO on a pty once the last slave fd is gone
-                break
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
+        data = os.read(src, BUF)
+    except OSError:  # EIO on a pty once the last slave fd is gone
+        return False
+    if not data:
+        return False
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(dst, view):]
     except OSError as exc:
         log.debug("stdio_copy_stopped", stream=name, error=str(exc))
+        return False
+    return True
+
+
+def _copy(src: int, dst: int, log: Logger, name: str) -> None:
+    """Copy until ``src`` ends, then close both."""
+    try:
+        while _copy_chunk(src, dst, log, name):
+            pass
     finally:
-        if close_src:
-            _close(src)
-        if close_dst:
-            _close(dst)
+        _close(src)
+        _close(dst)
 
 
 def _thread(target: object, *args: object) -> threading.Thread:
@@ -154,13 +160,12 @@ class PipeIO:
         self._log = log
         self._selector = selector  # the main loop's, for waiting on stdin
         self._stdin_copy: _StdinCopy | None = None
-        self._threads: list[threading.Thread] = []
+        self._copier: threading.Thread | None = None  # copies stdout and stderr
         self.stdin_fifo: StdinFifo | None = None
         self._process_fds: list[int] = []  # ends given to runc, closed once it started
         self._stdin_w: int | None = None
         self._readers: dict[str, int] = {}  # stream name -> our read end
         self._outputs: dict[str, int] = {}  # destination -> fd (stdout and stderr may share)
-        self._copying = False
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._process_fds.append(devnull)
         fds = [devnull, devnull, devnull]
@@ -191,8 +196,7 @@ class PipeIO:
             _close(fd)
         self._process_fds = []
         if self._readers:
-            self._threads.append(_thread(self._copy_outputs))
-        self._copying = True
+            self._copier = _thread(self._copy_outputs)
 
     def _copy_outputs(self) -> None:
         """stdout and stderr on one thread (each thread costs a shim ~36 KiB). Writes
@@ -200,12 +204,13 @@ class PipeIO:
         the process itself would be held up by its full pipe. A destination both
         streams share is closed after the second one ends."""
         targets = {"stdout": self.stdio.stdout, "stderr": self.stdio.stderr}
+        names = {fd: name for name, fd in self._readers.items()}
         copying = {fd: self._outputs[targets[name]] for name, fd in self._readers.items()}
         try:
             while copying:
                 ready, _, _ = select.select(list(copying), [], [])
                 for src in ready:
-                    if not self._copy_chunk(src, copying[src]):
+                    if not _copy_chunk(src, copying[src], self._log, names[src]):
                         dst = copying.pop(src)
                         _close(src)
                         if dst not in copying.values():
@@ -213,23 +218,6 @@ class PipeIO:
         finally:
             for fd in {*copying, *copying.values()}:
                 _close(fd)
-
-    def _copy_chunk(self, src: int, dst: int) -> bool:
-        """Copy what ``src`` has; False once it ended or ``dst`` failed."""
-        try:
-            data = os.read(src, BUF)
-        except OSError:
-            return False
-        if not data:
-            return False
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(dst, view):]
-        except OSError as exc:
-            self._log.debug("stdio_copy_stopped", error=str(exc))
-            return False
-        return True
 
     def start_stdin(self) -> None:
         """Begin feeding the process's stdin. Deferred until the process starts so a
@@ -242,12 +230,12 @@ class PipeIO:
 
     def wait(self, timeout: float) -> None:
         """Give the output copies time to drain after the process exited."""
-        for t in self._threads:
-            t.join(timeout)
+        if self._copier is not None:
+            self._copier.join(timeout)
 
     def close(self) -> None:
         """Release whatever was never handed to a copying thread."""
-        unused = [] if self._copying else [*self._readers.values(), *self._outputs.values()]
+        unused = [] if self._copier is not None else [*self._readers.values(), *self._outputs.values()]
         for fd in [*self._process_fds, *unused, self._stdin_w]:
             _close(fd)
         self._process_fds, self._stdin_w = [], None
