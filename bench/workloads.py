@@ -357,8 +357,9 @@ class Concurrent(Workload):
         # containers' own processes are the same busybox in both cases and would only
         # blur the difference.
         shims = set(daemon.shim_pids())
-        rss, pss = _memory({daemon.pid, *daemon.child_pids(), *shims})
-        _, pss_daemon = _memory({daemon.pid, *daemon.child_pids()})
+        rss_daemon, pss_daemon = _memory({daemon.pid, *daemon.child_pids()})
+        rss_shims, pss_shims = _memory(shims)
+        rss, pss = rss_daemon + rss_shims, pss_daemon + pss_shims
         teardown = timed(_parallel, [daemon.ctr_cmd("tasks", "delete", "--force", cid)
                                      for cid in ids], daemon)
         teardown += timed(_parallel, [daemon.ctr_cmd("containers", "delete", cid)
@@ -366,7 +367,7 @@ class Concurrent(Workload):
         return {"concurrent.start": start, "concurrent.pss": pss / n / MIB,
                 "concurrent.rss": rss / n / MIB,
                 "concurrent.pss_daemon": pss_daemon / MIB,
-                "concurrent.pss_shim": (pss - pss_daemon) / max(len(shims), 1) / MIB,
+                "concurrent.pss_shim": pss_shims / max(len(shims), 1) / MIB,
                 "concurrent.teardown": teardown}
 
 
