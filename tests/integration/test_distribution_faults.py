@@ -101,7 +101,10 @@ async def test_wrong_digest_is_never_committed(env, proxy: FaultProxy, stores: S
         await pull(stores, pool, proxy)
     have = {i.digest for i in await stores.content.list(NS)}
     assert layer.blob.digest not in have
-    assert await stores.content.list_statuses(NS) == []
+    # Downloads cancelled by the failure (the config, if it was still in flight) may stay
+    # as resumable ingests, as in containerd; the corrupt layer's bytes must not.
+    refs = [status.ref for status in await stores.content.list_statuses(NS)]
+    assert not [ref for ref in refs if layer.blob.digest in ref]
 
 
 async def test_truncated_blob_resumes_with_range(env, proxy: FaultProxy, stores: Stores,
