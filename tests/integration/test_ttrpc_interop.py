@@ -22,6 +22,7 @@ from ctrd import errors
 from ctrd.api.containerd.runtime.task.v2 import shim_pb2
 from ctrd.ttrpc import aio, blocking
 from ctrd.ttrpc.addr import socket_path
+from ctrd.ttrpc.codec import ClosedError
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,8 +77,11 @@ def test_blocking_client_against_go_shim(go_shim: tuple[str, Path]) -> None:
             client.call(SERVICE, "State", shim_pb2.StateRequest(id="interop"),
                         shim_pb2.StateResponse, timeout=5, metadata=MD)
         pid = resp.shim_pid
-        client.call_raw(SERVICE, "Shutdown", shim_pb2.ShutdownRequest(id="interop")
-                        .SerializeToString(), timeout=5, metadata=MD)
+        try:
+            client.call_raw(SERVICE, "Shutdown", shim_pb2.ShutdownRequest(id="interop")
+                            .SerializeToString(), timeout=5, metadata=MD)
+        except ClosedError:
+            pass  # the Go shim may exit before its answer is written; containerd allows it
     for _ in range(100):  # the shim exits after Shutdown
         if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
             break
