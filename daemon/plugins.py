@@ -7,6 +7,7 @@ function that builds it, and the plugin types it needs. The registry in
 from __future__ import annotations
 
 from .content import plugin as content
+from .cri import plugin as cri
 from .diff import walking as walking_differ
 from .events import plugin as events
 from .gc import scheduler as gc_scheduler
@@ -17,11 +18,9 @@ from .metadata.leases import LeaseStore
 from .plugin import (CONTENT, DIFF, EVENT, GC, GRPC, INTERNAL, LEASE, METADATA, RUNTIME, SERVICE,
                      SNAPSHOT, TRANSFER, TTRPC, Plugin)
 from .runtime import plugin as runtime
-from .snapshots import native as native_snapshotter
-from .snapshots import overlay as overlay_snapshotter
-from .transfer import local as local_transfer
 from .services import containers as containers_service
 from .services import content as content_service
+from .services import cri as cri_service
 from .services import diff as diff_service
 from .services import events as events_service
 from .services import images as images_service
@@ -33,6 +32,9 @@ from .services import streaming as streaming_service
 from .services import tasks as tasks_service
 from .services import transfer as transfer_service
 from .services import version as version_service
+from .snapshots import native as native_snapshotter
+from .snapshots import overlay as overlay_snapshotter
+from .transfer import local as local_transfer
 
 PLUGINS: list[Plugin] = [
     # Core backends.
@@ -57,6 +59,11 @@ PLUGINS: list[Plugin] = [
     # Shims forward their events to this ttrpc endpoint (<address>.ttrpc).
     Plugin(TTRPC, "events", runtime.init_events_endpoint, requires=(EVENT,)),
     Plugin(RUNTIME, "task", runtime.init_task_manager, requires=(EVENT, METADATA, TTRPC)),
+    # Kubernetes' CRI: pods (CNI networks, pause sandboxes) and their containers.
+    Plugin(INTERNAL, "cri", cri.init,
+           requires=(METADATA, EVENT, GC, DIFF, SNAPSHOT, RUNTIME, TRANSFER,
+                     f"{SERVICE}.content-service", f"{SERVICE}.images-service",
+                     f"{SERVICE}.snapshots-service")),
     # gRPC services: thin adapters from protobuf to the core objects above.
     Plugin(GRPC, "events", events_service.init, requires=(EVENT,)),
     Plugin(GRPC, "namespaces", namespaces_service.init, requires=(METADATA, EVENT)),
@@ -72,6 +79,7 @@ PLUGINS: list[Plugin] = [
     Plugin(GRPC, "streaming", streaming_service.init, requires=(f"{INTERNAL}.streaming",)),
     Plugin(GRPC, "transfer", transfer_service.init,
            requires=(TRANSFER, f"{INTERNAL}.streaming")),
+    Plugin(GRPC, "cri", cri_service.init, requires=(f"{INTERNAL}.cri",)),
     Plugin(GRPC, "introspection", introspection_service.init),
     Plugin(GRPC, "version", version_service.init),
 ]

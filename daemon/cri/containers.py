@@ -1,0 +1,389 @@
+"""Containers of a pod: created from an image into the pod's namespaces, run, stopped.
+
+As in containerd 1.6, CreateContainer writes the containerd container (spec,
+snapshot) and StartContainer creates and starts its task, with stdout and stderr
+going through FIFOs into the CRI log file. The end of the main process comes back
+as a ``/tasks/exit`` event (or from the Wait a stop makes); the exit is recorded
+and the task deleted, which frees the shim.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import structlog
+from google.protobuf import any_pb2
+
+from ctrd.errors import CtrdError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from ctrd.oci import spec as oci
+
+from ..metadata.containers import OCI_SPEC_TYPE, AnyValue
+from ..metadata.containers import Container as Record
+from ..runtime.shim_manager import CreateOpts, TaskManager
+from ..runtime.task import IO, Exit
+from ..snapshots.mounts import temp_mount
+from . import specs
+from .config import NAMESPACE, CRIConfig
+from .execio import ExecCapture
+from .fifos import ContainerFifos, create_fifos, remove_fifos
+from .images import CRIImages
+from .logs import LogCopier
+from .mounts import to_proto
+from .records import (
+    Container,
+    ContainerConfig,
+    ContainerState,
+    ContainerStatus,
+    Sandbox,
+    SandboxState,
+)
+from .store import CRIStore
+
+log = structlog.get_logger()
+
+# A stopped container's task reports this when nobody knows how it ended.
+UNKNOWN_EXIT = 255
+EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
+# How long output may keep coming after the main process ended (from its children).
+LOG_DRAIN_TIMEOUT = 10.0
+# The type URL containerd's clients give an exec's JSON process spec.
+PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+
+
+def container_name(config: ContainerConfig, pod: Sandbox) -> str:
+    meta = pod.config
+    return f"k8s_{config.name}_{meta.name}_{meta.namespace}_{meta.uid}_{config.attempt}"
+
+
+class ContainerManager:
+    def __init__(self, config: CRIConfig, store: CRIStore, images: CRIImages, snapshots: Any,
+                 tasks: TaskManager, sandbox_files: Any) -> None:
+        self.config = config
+        self.store = store
+        self.images = images
+        self.snapshots = snapshots
+        self.tasks = tasks
+        self.sandbox_files = sandbox_files  # id -> folder of the pod's shared files
+        self._logs: dict[str, LogCopier] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    def fifo_dir(self, id_: str) -> Path:
+        return self.config.state / "io" / id_
+
+    # -- create ---------------------------------------------------------------------------
+
+    async def create(self, sandbox_id: str, config: ContainerConfig) -> str:
+        if not config.name:
+            raise InvalidArgument("container config must include metadata name")
+        if not config.image:
+            raise InvalidArgument("container config must include an image")
+        sandbox = self.store.sandbox(sandbox_id)
+        if sandbox.state != SandboxState.READY:
+            raise FailedPrecondition(f"sandbox {sandbox.id} is not ready")
+        image = await self.images.get(config.image)
+        id_ = secrets.token_hex(32)
+        name = container_name(config, sandbox)
+        self.store.reserve(name, id_)
+        log_path = ""
+        if sandbox.config.log_directory and config.log_path:
+            log_path = os.path.normpath(os.path.join(sandbox.config.log_directory,
+                                                     config.log_path))
+            if not log_path.startswith(sandbox.config.log_directory.rstrip("/") + "/"):
+                self.store.release(name)
+                raise InvalidArgument(f"log path {config.log_path!r} leaves the pod's "
+                                      "log directory")
+        container = Container(id=id_, name=name, sandbox_id=sandbox.id, config=config,
+                              image_id=image.id, image_ref=config.image, log_path=log_path,
+                              status=ContainerStatus(created_at=time.time_ns()))
+        async with AsyncExitStack() as undo:
+            undo.callback(self.store.release, name)
+            mounts = await self.snapshots.prepare(NAMESPACE, self.config.snapshotter, id_,
+                                                  image.chain_id, {})
+            undo.push_async_callback(self._remove_snapshot, id_)
+            files = self.sandbox_files(sandbox.id)
+            spec = await asyncio.to_thread(self._spec, id_, config, sandbox, image.config,
+                                           config.image, mounts, files)
+            record = Record(id=id_, runtime_name=self.config.runtime,
+                            spec=AnyValue(OCI_SPEC_TYPE, oci.dumps(spec)),
+                            image=config.image, snapshotter=self.config.snapshotter,
+                            snapshot_key=id_, labels=dict(config.labels))
+            await self.store.add_container(container, record)
+            undo.pop_all()
+        log.info("container created", container=id_, sandbox=sandbox.id, name=config.name)
+        return id_
+
+    def _spec(self, id_: str, config: ContainerConfig, sandbox: Sandbox,
+              image_config: dict[str, Any], image_name: str, mounts: list,
+              files: Path) -> dict[str, Any]:
+        # The image's /etc/passwd and /etc/group name its users: mount it to read them.
+        with temp_mount(mounts, str(self.config.state / "tmpmounts"), readonly=True) as root:
+            return specs.container_spec(id_, config, sandbox, image_config, image_name,
+                                        Path(root), files, NAMESPACE)
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def start(self, id_: str) -> None:
+        container = self.store.container(id_)
+        async with self.store.lock(container.id):
+            if container.status.state != ContainerState.CREATED:
+                raise FailedPrecondition(f"container {container.id} is in "
+                                         f"{container.status.state.name} state, not CREATED")
+            sandbox = self.store.sandbox(container.sandbox_id)
+            if sandbox.state != SandboxState.READY:
+                raise FailedPrecondition(f"sandbox {sandbox.id} is not ready")
+            record = await self.store.records.get(NAMESPACE, container.id)
+            assert record.spec is not None  # written by create()
+            mounts = await self.snapshots.mounts(NAMESPACE, self.config.snapshotter, id_)
+            config = container.config
+            fifos = await create_fifos(self.fifo_dir(container.id), container.id,
+                                       stdin=config.stdin, tty=config.tty)
+            copier = LogCopier(container.id, fifos, container.log_path,
+                               max_line_size=self.config.max_log_line)
+            try:
+                await copier.start()
+                opts = CreateOpts(spec=record.spec.value, runtime=record.runtime_name,
+                                  io=IO(fifos.stdin, fifos.stdout, fifos.stderr, config.tty),
+                                  rootfs=to_proto(mounts))
+                task, pid = await self.tasks.create(NAMESPACE, container.id, opts)
+                # Taken before Start: a quick process may have exited by the time it returns.
+                started_at = time.time_ns()
+                try:
+                    await task.start()
+                except BaseException:
+                    await self._delete_task(container.id)
+                    raise
+            except BaseException as exc:
+                await copier.close()
+                await remove_fifos(fifos)
+                container.status.state = ContainerState.EXITED
+                container.status.finished_at = time.time_ns()
+                container.status.exit_code = UNKNOWN_EXIT
+                container.status.reason = "StartError"
+                container.status.message = str(exc)
+                await self.store.save(container)
+                raise
+            self._logs[container.id] = copier
+            container.status.state = ContainerState.RUNNING
+            container.status.pid = pid
+            container.status.started_at = started_at
+            await self.store.save(container)
+        log.info("container started", container=container.id, pid=pid)
+
+    # -- exits ----------------------------------------------------------------------------
+
+    async def on_exit(self, id_: str, exit_: Exit) -> None:
+        container = self.store.containers.get(id_)
+        if container is None:
+            return
+        async with self.store.lock(id_):
+            await self._record_exit(container, exit_)
+
+    async def _record_exit(self, container: Container, exit_: Exit) -> None:
+        """Note the exit once, delete the task (freeing its shim), finish the log."""
+        if container.status.state != ContainerState.RUNNING:
+            return
+        status = container.status
+        status.state = ContainerState.EXITED
+        status.exit_code = exit_.status
+        status.finished_at = exit_.exited_at or time.time_ns()
+        status.reason = status.reason or ("Completed" if exit_.status == 0 else "Error")
+        await self.store.save(container)
+        await self._delete_task(container.id)
+        copier = self._logs.pop(container.id, None)
+        if copier is not None:
+            # A process the container left behind may hold its stdout: never wait for
+            # the log under the container's lock.
+            task = asyncio.create_task(self._finish_log(container.id, copier))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+        log.info("container exited", container=container.id, exit_code=exit_.status)
+
+    async def _finish_log(self, id_: str, copier: LogCopier) -> None:
+        try:
+            await asyncio.wait_for(copier.wait(), LOG_DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.warning("container output still open after exit; log closed", container=id_)
+            await copier.close()
+        await self._remove_fifos(id_)
+
+    async def on_oom(self, id_: str) -> None:
+        container = self.store.containers.get(id_)
+        if container is not None and container.status.state == ContainerState.RUNNING:
+            # containerd reports an OOM-killed container's reason as OOMKilled.
+            container.status.reason = "OOMKilled"
+
+    # -- stop and remove ------------------------------------------------------------------
+
+    async def stop(self, id_: str, timeout: float) -> None:
+        container = self.store.container(id_)
+        async with self.store.lock(container.id):
+            await self._stop(container, timeout)
+
+    async def _stop(self, container: Container, timeout: float) -> None:
+        if container.status.state != ContainerState.RUNNING:
+            return
+        try:
+            task = self.tasks.get(NAMESPACE, container.id)
+        except NotFound:
+            await self._record_exit(container, Exit(0, UNKNOWN_EXIT, time.time_ns()))
+            return
+        waiter = asyncio.create_task(task.wait())
+        try:
+            if timeout > 0:
+                await self._signal(task, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), timeout)
+                except TimeoutError:
+                    log.info("container ignored SIGTERM; killing", container=container.id)
+            if not waiter.done():
+                await self._signal(task, signal.SIGKILL)
+            exit_ = await asyncio.wait_for(waiter, 30)
+        except (TimeoutError, CtrdError) as exc:
+            waiter.cancel()
+            raise FailedPrecondition(f"container {container.id} did not stop: "
+                                     f"{str(exc) or type(exc).__name__}") from None
+        await self._record_exit(container, exit_)
+
+    async def _signal(self, task: Any, signum: int) -> None:
+        try:
+            await task.kill(signum, all_=False)
+        except (NotFound, FailedPrecondition):
+            pass  # it ended meanwhile
+
+    async def stop_all(self, sandbox_id: str) -> None:
+        for container in self.store.containers_of(sandbox_id):
+            async with self.store.lock(container.id):
+                await self._stop(container, 0)
+
+    async def remove(self, id_: str) -> None:
+        try:
+            container = self.store.container(id_)
+        except NotFound:
+            return  # removing twice is fine, as CRI asks
+        async with self.store.lock(container.id):
+            await self._stop(container, 0)
+            await self._delete_task(container.id)
+            await self._remove_snapshot(container.id)
+            await self._remove_fifos(container.id)
+            await self.store.remove(container)
+        log.info("container removed", container=container.id)
+
+    async def remove_all(self, sandbox_id: str) -> None:
+        for container in self.store.containers_of(sandbox_id):
+            await self.remove(container.id)
+
+    async def reopen_log(self, id_: str) -> None:
+        container = self.store.container(id_)
+        copier = self._logs.get(container.id)
+        if container.status.state != ContainerState.RUNNING or copier is None:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        await copier.reopen()
+
+    # -- exec -----------------------------------------------------------------------------
+
+    async def exec_sync(self, id_: str, cmd: list[str], timeout: float) -> tuple[bytes, bytes, int]:
+        """Run ``cmd`` in the container; its stdout, stderr and exit code.
+
+        ``timeout`` (seconds, 0 for none) bounds the command; past it the command is
+        killed and DeadlineExceeded raised, as kubelet's probes expect."""
+        container = self.store.container(id_)
+        if container.status.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        record = await self.store.records.get(NAMESPACE, container.id)
+        assert record.spec is not None
+        process = specs.exec_process(json.loads(record.spec.value)["process"], cmd)
+        task = self.tasks.get(NAMESPACE, container.id)
+        exec_id = secrets.token_hex(16)
+        fifos = await create_fifos(self.fifo_dir(container.id), exec_id, stdin=False, tty=False)
+        output = ExecCapture(fifos, EXEC_OUTPUT_LIMIT)
+        try:
+            await output.start()
+            spec = any_pb2.Any(type_url=PROCESS_TYPE, value=oci.dumps(process))
+            await task.exec(exec_id, IO("", fifos.stdout, fifos.stderr, False), spec)
+            try:
+                await task.start(exec_id)
+                try:
+                    exit_ = await asyncio.wait_for(task.wait(exec_id), timeout or None)
+                except TimeoutError:
+                    await self._signal_exec(task, exec_id)
+                    raise DeadlineExceeded(f"command {cmd!r} did not finish in {timeout}s") \
+                        from None
+                try:
+                    # A child of the command may keep the pipes open: take what came.
+                    result = await asyncio.wait_for(output.wait(), LOG_DRAIN_TIMEOUT)
+                except TimeoutError:
+                    result = output.output()
+            finally:
+                try:
+                    await task.delete_process(exec_id)
+                except CtrdError:
+                    pass
+        finally:
+            await output.close()
+            await remove_fifos(fifos)
+        return result.stdout, result.stderr, exit_.status
+
+    async def _signal_exec(self, task: Any, exec_id: str) -> None:
+        try:
+            await task.kill(signal.SIGKILL, exec_id=exec_id)
+            await asyncio.wait_for(task.wait(exec_id), 10)
+        except (CtrdError, TimeoutError):
+            pass
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _delete_task(self, id_: str) -> None:
+        try:
+            await self.tasks.delete(NAMESPACE, id_)
+        except NotFound:
+            pass
+
+    async def _remove_snapshot(self, key: str) -> None:
+        try:
+            await self.snapshots.remove(NAMESPACE, self.config.snapshotter, key)
+        except NotFound:
+            pass
+
+    async def _remove_fifos(self, id_: str) -> None:
+        folder = self.fifo_dir(id_)
+        await asyncio.to_thread(_rmtree, folder)
+
+    async def recover(self) -> None:
+        """After a restart: reattach logs of running containers, note the ones that ended."""
+        for container in list(self.store.containers.values()):
+            if container.status.state != ContainerState.RUNNING:
+                continue
+            try:
+                task = self.tasks.get(NAMESPACE, container.id)
+                state = await task.state()
+            except CtrdError:
+                await self.on_exit(container.id, Exit(0, UNKNOWN_EXIT, time.time_ns()))
+                continue
+            if state.status == 3:  # STOPPED while the daemon was away
+                await self.on_exit(container.id, Exit(state.pid, state.exit_status,
+                                                      state.exited_at.ToNanoseconds()))
+                continue
+            fifos = ContainerFifos(state.stdin, state.stdout, state.stderr)
+            copier = LogCopier(container.id, fifos, container.log_path,
+                               max_line_size=self.config.max_log_line)
+            try:
+                await copier.start()
+                self._logs[container.id] = copier
+            except (CtrdError, OSError) as exc:
+                log.warning("container log not reattached", container=container.id,
+                            error=str(exc))
+
+    def list(self) -> list[Container]:
+        return sorted(self.store.containers.values(), key=lambda c: c.status.created_at)
+
+
+def _rmtree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

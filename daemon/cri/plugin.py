@@ -1,0 +1,57 @@
+"""The CRI core plugin: images, pods and containers over the daemon's own backends."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..metadata.containers import ContainerStore
+from ..plugin import DIFF, EVENT, GC, METADATA, RUNTIME, SERVICE, SNAPSHOT, TRANSFER, InitContext
+from ..unpack import Unpacker
+from .cni import CNI, CNIOptions
+from .config import CRIConfig
+from .containers import ContainerManager
+from .images import CRIImages
+from .runtime import CRIRuntime
+from .sandboxes import SandboxManager
+from .store import CRIStore
+
+
+@dataclass
+class CRI:
+    """What the CRI gRPC services call."""
+
+    config: CRIConfig
+    images: CRIImages
+    runtime: CRIRuntime
+    network: CNI
+
+    async def aclose(self) -> None:
+        await self.runtime.aclose()
+
+
+# The config table containerd reads its CRI settings from; ctrd reads the same one.
+CONFIG_TABLE = "io.containerd.grpc.v1.cri"
+
+
+async def init(ctx: InitContext) -> CRI:
+    config = CRIConfig.from_options(ctx.config.plugin(CONFIG_TABLE), ctx.root, ctx.state)
+    for folder in (config.root, config.state):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
+    content = ctx.get(SERVICE, "content-service")
+    snapshots = ctx.get(SERVICE, "snapshots-service")
+    snapshotter = ctx.get(SNAPSHOT, config.snapshotter)
+    images = CRIImages(ctx.get(SERVICE, "images-service"), content,
+                       Unpacker(content, snapshots, ctx.get(DIFF, "walking")),
+                       ctx.get(TRANSFER, "local"), ctx.get(EVENT), ctx.get(GC, "scheduler"),
+                       config.snapshotter, Path(snapshotter.root))
+    network = CNI(CNIOptions(conf_dir=config.cni_conf_dir,
+                             bin_dirs=tuple(Path(d) for d in config.cni_bin_dirs),
+                             cache_dir=config.cni_cache_dir))
+    await network.load()
+    store = CRIStore(ContainerStore(ctx.get(METADATA).db))
+    tasks = ctx.get(RUNTIME, "task")
+    sandboxes = SandboxManager(config, store, images, snapshots, tasks, network)
+    containers = ContainerManager(config, store, images, snapshots, tasks, sandboxes.files)
+    runtime = CRIRuntime(sandboxes, containers, ctx.get(EVENT))
+    await runtime.start()
+    return CRI(config, images, runtime, network)

@@ -1,0 +1,368 @@
+"""Kubernetes CRI v1: runtime.v1.RuntimeService and runtime.v1.ImageService.
+
+Thin, as the other services: CRI's protobuf configs become the plain records of
+:mod:`ctrd.daemon.cri.records`, the CRI core does the work, and its records become
+protobuf again. RPCs this file does not define answer Unimplemented.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Mapping
+
+from ctrd import __version__
+from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
+from ctrd.errors import InvalidArgument, NotFound
+
+from ..cri.images import ImageInfo
+from ..cri.plugin import CRI
+from ..cri.records import (
+    Container,
+    ContainerConfig,
+    ContainerState,
+    Mount,
+    NamespaceMode,
+    PortMapping,
+    Resources,
+    Sandbox,
+    SandboxConfig,
+)
+from ..plugin import INTERNAL, InitContext
+from ..remotes.auth import Credentials
+from .interceptor import Registrar
+
+RUNTIME_NAME = "ctrd"
+API_VERSION = "v1"
+_PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
+# Handlers a pod may ask for: the default, and the name containerd gives runc.
+_HANDLERS = ("", "runc")
+
+
+class RuntimeService:
+    def __init__(self, cri: CRI) -> None:
+        self.cri = cri
+        self.runtime = cri.runtime
+
+    def register(self, server: Registrar) -> None:
+        server.add_service(pb.DESCRIPTOR.services_by_name["RuntimeService"], self)
+
+    async def Version(self, request: pb.VersionRequest, context) -> pb.VersionResponse:
+        return pb.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME,
+                                  runtime_version=__version__, runtime_api_version=API_VERSION)
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        network = await self.cri.network.status()
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=[
+            pb.RuntimeCondition(type="RuntimeReady", status=True),
+            pb.RuntimeCondition(type="NetworkReady", status=network.ready,
+                                reason=network.reason, message=network.message),
+        ]))
+
+    # -- pods -----------------------------------------------------------------------------
+
+    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest,
+                            context) -> pb.RunPodSandboxResponse:
+        if request.runtime_handler not in _HANDLERS:
+            raise InvalidArgument(f"no runtime for handler {request.runtime_handler!r}")
+        if not request.HasField("config"):
+            raise InvalidArgument("sandbox config is required")
+        config = _sandbox_config(request.config, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=await self.runtime.run_pod(config))
+
+    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest,
+                             context) -> pb.StopPodSandboxResponse:
+        await self.runtime.stop_pod(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest,
+                               context) -> pb.RemovePodSandboxResponse:
+        await self.runtime.remove_pod(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest,
+                               context) -> pb.PodSandboxStatusResponse:
+        sandbox = self.runtime.pod(request.pod_sandbox_id)
+        return pb.PodSandboxStatusResponse(status=_sandbox_status(sandbox),
+                                           timestamp=time.time_ns())
+
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest,
+                             context) -> pb.ListPodSandboxResponse:
+        f = request.filter if request.HasField("filter") else None
+        items = []
+        for sandbox in self.runtime.pods():
+            if f is not None:
+                if f.id and not sandbox.id.startswith(f.id):
+                    continue
+                if f.HasField("state") and f.state.state != sandbox.state:
+                    continue
+                if not _labels_match(sandbox.config.labels, f.label_selector):
+                    continue
+            items.append(pb.PodSandbox(
+                id=sandbox.id, metadata=_pod_metadata(sandbox), state=int(sandbox.state),
+                created_at=sandbox.created_at, labels=sandbox.config.labels,
+                annotations=sandbox.config.annotations,
+                runtime_handler=sandbox.config.runtime_handler))
+        return pb.ListPodSandboxResponse(items=items)
+
+    # -- containers -----------------------------------------------------------------------
+
+    async def CreateContainer(self, request: pb.CreateContainerRequest,
+                              context) -> pb.CreateContainerResponse:
+        if not request.HasField("config"):
+            raise InvalidArgument("container config is required")
+        config = _container_config(request.config)
+        id_ = await self.runtime.create_container(request.pod_sandbox_id, config)
+        return pb.CreateContainerResponse(container_id=id_)
+
+    async def StartContainer(self, request: pb.StartContainerRequest,
+                             context) -> pb.StartContainerResponse:
+        await self.runtime.containers.start(request.container_id)
+        return pb.StartContainerResponse()
+
+    async def StopContainer(self, request: pb.StopContainerRequest,
+                            context) -> pb.StopContainerResponse:
+        if request.timeout < 0:
+            raise InvalidArgument(f"negative timeout {request.timeout}")
+        await self.runtime.containers.stop(request.container_id, float(request.timeout))
+        return pb.StopContainerResponse()
+
+    async def RemoveContainer(self, request: pb.RemoveContainerRequest,
+                              context) -> pb.RemoveContainerResponse:
+        await self.runtime.containers.remove(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    async def ListContainers(self, request: pb.ListContainersRequest,
+                             context) -> pb.ListContainersResponse:
+        f = request.filter if request.HasField("filter") else None
+        items = []
+        for c in self.runtime.list_containers():
+            if f is not None:
+                if f.id and not c.id.startswith(f.id):
+                    continue
+                if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
+                    continue
+                if f.HasField("state") and f.state.state != c.status.state:
+                    continue
+                if not _labels_match(c.config.labels, f.label_selector):
+                    continue
+            items.append(pb.Container(
+                id=c.id, pod_sandbox_id=c.sandbox_id, metadata=_container_metadata(c),
+                image=pb.ImageSpec(image=c.image_ref), image_ref=c.image_id,
+                state=int(c.status.state), created_at=c.status.created_at,
+                labels=c.config.labels, annotations=c.config.annotations,
+                image_id=c.image_id))
+        return pb.ListContainersResponse(containers=items)
+
+    async def ContainerStatus(self, request: pb.ContainerStatusRequest,
+                              context) -> pb.ContainerStatusResponse:
+        return pb.ContainerStatusResponse(
+            status=_container_status(self.runtime.container(request.container_id)))
+
+    async def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest,
+                                 context) -> pb.ReopenContainerLogResponse:
+        await self.runtime.containers.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()
+
+    async def ExecSync(self, request: pb.ExecSyncRequest, context) -> pb.ExecSyncResponse:
+        if not request.cmd:
+            raise InvalidArgument("cmd must not be empty")
+        if request.timeout < 0:
+            raise InvalidArgument(f"negative timeout {request.timeout}")
+        stdout, stderr, code = await self.runtime.containers.exec_sync(
+            request.container_id, list(request.cmd), float(request.timeout))
+        return pb.ExecSyncResponse(stdout=stdout, stderr=stderr, exit_code=code)
+
+
+class ImageService:
+    def __init__(self, cri: CRI) -> None:
+        self.images = cri.images
+
+    def register(self, server: Registrar) -> None:
+        server.add_service(pb.DESCRIPTOR.services_by_name["ImageService"], self)
+
+    async def ListImages(self, request: pb.ListImagesRequest,
+                         context) -> pb.ListImagesResponse:
+        images = await self.images.list()
+        wanted = request.filter.image.image if request.HasField("filter") else ""
+        if wanted:
+            try:
+                match = await self.images.get(wanted)
+            except NotFound:
+                return pb.ListImagesResponse()
+            images = [i for i in images if i.id == match.id]
+        return pb.ListImagesResponse(images=[_image(i) for i in images])
+
+    async def ImageStatus(self, request: pb.ImageStatusRequest,
+                          context) -> pb.ImageStatusResponse:
+        try:
+            info = await self.images.get(request.image.image)
+        except NotFound:
+            return pb.ImageStatusResponse()  # CRI: a missing image is no error
+        return pb.ImageStatusResponse(image=_image(info))
+
+    async def PullImage(self, request: pb.PullImageRequest, context) -> pb.PullImageResponse:
+        credentials = _credentials(request.auth) if request.HasField("auth") else None
+        image_id = await self.images.pull(request.image.image, credentials)
+        return pb.PullImageResponse(image_ref=image_id)
+
+    async def RemoveImage(self, request: pb.RemoveImageRequest,
+                          context) -> pb.RemoveImageResponse:
+        await self.images.remove(request.image.image)
+        return pb.RemoveImageResponse()
+
+    async def ImageFsInfo(self, request: pb.ImageFsInfoRequest,
+                          context) -> pb.ImageFsInfoResponse:
+        mountpoint, used, inodes = await self.images.fs_usage()
+        usage = pb.FilesystemUsage(timestamp=time.time_ns(),
+                                   fs_id=pb.FilesystemIdentifier(mountpoint=mountpoint),
+                                   used_bytes=pb.UInt64Value(value=used),
+                                   inodes_used=pb.UInt64Value(value=inodes))
+        return pb.ImageFsInfoResponse(image_filesystems=[usage])
+
+
+# -- protobuf to records ------------------------------------------------------------------
+
+
+def _mode(options: pb.NamespaceOption, name: str) -> NamespaceMode:
+    value = getattr(options, name)
+    try:
+        mode = NamespaceMode(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown {name} namespace mode {value}") from None
+    if mode == NamespaceMode.TARGET:
+        raise InvalidArgument(f"{name} namespace mode TARGET is not supported")
+    return mode
+
+
+def _sandbox_config(config: pb.PodSandboxConfig, handler: str) -> SandboxConfig:
+    meta = config.metadata
+    linux = config.linux
+    security = linux.security_context
+    options = security.namespace_options
+    ports = []
+    for p in config.port_mappings:
+        if p.protocol not in _PROTOCOLS:
+            raise InvalidArgument(f"unknown port protocol {p.protocol}")
+        ports.append(PortMapping(_PROTOCOLS[p.protocol], p.container_port, p.host_port,
+                                 p.host_ip))
+    return SandboxConfig(
+        name=meta.name, uid=meta.uid, namespace=meta.namespace, attempt=meta.attempt,
+        hostname=config.hostname, log_directory=config.log_directory,
+        dns_servers=list(config.dns_config.servers), dns_searches=list(config.dns_config.searches),
+        dns_options=list(config.dns_config.options), port_mappings=ports,
+        labels=dict(config.labels), annotations=dict(config.annotations),
+        network=_mode(options, "network"), pid=_mode(options, "pid"), ipc=_mode(options, "ipc"),
+        cgroup_parent=linux.cgroup_parent, sysctls=dict(linux.sysctls),
+        privileged=security.privileged, runtime_handler=handler)
+
+
+def _container_config(config: pb.ContainerConfig) -> ContainerConfig:
+    linux = config.linux
+    security = linux.security_context
+    res = linux.resources
+    mounts = []
+    for m in config.mounts:
+        if m.propagation not in (0, 1, 2):
+            raise InvalidArgument(f"unknown mount propagation {m.propagation}")
+        mounts.append(Mount(m.container_path, m.host_path, m.readonly, m.propagation))
+    return ContainerConfig(
+        name=config.metadata.name, attempt=config.metadata.attempt, image=config.image.image,
+        command=list(config.command), args=list(config.args), working_dir=config.working_dir,
+        envs=[(e.key, e.value) for e in config.envs], mounts=mounts,
+        labels=dict(config.labels), annotations=dict(config.annotations),
+        log_path=config.log_path, stdin=config.stdin, stdin_once=config.stdin_once,
+        tty=config.tty,
+        resources=Resources(cpu_period=res.cpu_period, cpu_quota=res.cpu_quota,
+                            cpu_shares=res.cpu_shares, memory_limit=res.memory_limit_in_bytes,
+                            oom_score_adj=res.oom_score_adj, cpuset_cpus=res.cpuset_cpus,
+                            cpuset_mems=res.cpuset_mems),
+        privileged=security.privileged,
+        run_as_user=security.run_as_user.value if security.HasField("run_as_user") else None,
+        run_as_group=security.run_as_group.value if security.HasField("run_as_group") else None,
+        run_as_username=security.run_as_username, readonly_rootfs=security.readonly_rootfs,
+        add_capabilities=list(security.capabilities.add_capabilities),
+        drop_capabilities=list(security.capabilities.drop_capabilities),
+        no_new_privs=security.no_new_privs, pid=_mode(security.namespace_options, "pid"))
+
+
+def _credentials(auth: pb.AuthConfig) -> Credentials | None:
+    if auth.identity_token:
+        return Credentials("", auth.identity_token)
+    if auth.username:
+        return Credentials(auth.username, auth.password)
+    if auth.auth:
+        try:
+            user, _, secret = base64.b64decode(auth.auth, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument("auth is not base64 of user:password") from None
+        return Credentials(user, secret)
+    return None
+
+
+# -- records to protobuf ------------------------------------------------------------------
+
+
+def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_metadata(sandbox: Sandbox) -> pb.PodSandboxMetadata:
+    c = sandbox.config
+    return pb.PodSandboxMetadata(name=c.name, uid=c.uid, namespace=c.namespace,
+                                 attempt=c.attempt)
+
+
+def _container_metadata(container: Container) -> pb.ContainerMetadata:
+    return pb.ContainerMetadata(name=container.config.name, attempt=container.config.attempt)
+
+
+def _sandbox_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
+    c = sandbox.config
+    options = pb.NamespaceOption(network=int(c.network), pid=int(c.pid), ipc=int(c.ipc))
+    return pb.PodSandboxStatus(
+        id=sandbox.id, metadata=_pod_metadata(sandbox), state=int(sandbox.state),
+        created_at=sandbox.created_at,
+        network=pb.PodSandboxNetworkStatus(
+            ip=sandbox.ip, additional_ips=[pb.PodIP(ip=ip) for ip in sandbox.additional_ips]),
+        linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
+        labels=c.labels, annotations=c.annotations, runtime_handler=c.runtime_handler)
+
+
+def _container_status(container: Container) -> pb.ContainerStatus:
+    s = container.status
+    c = container.config
+    reason = s.reason
+    if s.state == ContainerState.CREATED:
+        reason = ""
+    return pb.ContainerStatus(
+        id=container.id, metadata=_container_metadata(container), state=int(s.state),
+        created_at=s.created_at, started_at=s.started_at, finished_at=s.finished_at,
+        exit_code=s.exit_code, image=pb.ImageSpec(image=container.image_ref),
+        image_ref=container.image_id, reason=reason, message=s.message,
+        labels=c.labels, annotations=c.annotations,
+        mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path,
+                         readonly=m.readonly, propagation=m.propagation) for m in c.mounts],
+        log_path=container.log_path, image_id=container.image_id)
+
+
+def _image(info: ImageInfo) -> pb.Image:
+    image = pb.Image(id=info.id, repo_tags=info.repo_tags, repo_digests=info.repo_digests,
+                     size=info.size, username=info.username)
+    if info.uid is not None:
+        image.uid.value = info.uid
+    return image
+
+
+class CRIServices:
+    """Both CRI services, registered together as containerd's one CRI plugin."""
+
+    def __init__(self, cri: CRI) -> None:
+        self.services = (RuntimeService(cri), ImageService(cri))
+
+    def register(self, server: Registrar) -> None:
+        for service in self.services:
+            service.register(server)
+
+
+def init(ctx: InitContext) -> CRIServices:
+    return CRIServices(ctx.get(INTERNAL, "cri"))

@@ -1,0 +1,400 @@
+"""CRI v1 against a real ctrd: pods on a real CNI bridge network, real runc containers.
+
+The client is a plain gRPC stub of runtime.v1, as kubelet's. Images come from the
+host's busybox-static (no registry needed); the pod network is a bridge of this
+test's own, on a private subnet, torn down with the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from helpers.containerd_ref import remove_namespace_dirs
+from helpers.ctrd_proc import CtrdProcess, new_base
+
+from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
+from ctrd.api.k8s.cri.runtime.v1 import api_pb2_grpc as rpc
+from ctrd.oci import busybox, writer
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    not Path("/usr/lib/cni/bridge").exists(), reason="needs containernetworking-plugins")]
+
+PAUSE = "ctrd.test/pause:1"
+BUSYBOX = "ctrd.test/busybox:1"
+
+
+@dataclass
+class CRI:
+    daemon: CtrdProcess
+    runtime: rpc.RuntimeServiceStub
+    images: rpc.ImageServiceStub
+    subnet_prefix: str
+    base: Path
+
+    def pod_config(self, name: str, **kw) -> pb.PodSandboxConfig:
+        kw.setdefault("hostname", name)
+        return pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, uid=secrets.token_hex(8),
+                                           namespace="default"),
+            log_directory=str(self.base / "logs" / name), **kw)
+
+    def run_pod(self, name: str, **kw) -> tuple[str, pb.PodSandboxConfig]:
+        config = self.pod_config(name, **kw)
+        Path(config.log_directory).mkdir(parents=True, exist_ok=True)
+        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
+        return resp.pod_sandbox_id, config
+
+    def container(self, pod: str, pod_config: pb.PodSandboxConfig, name: str,
+                  *command: str, **kw) -> str:
+        kw.setdefault("log_path", f"{name}.log")
+        config = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name),
+                                    image=pb.ImageSpec(image=BUSYBOX), command=list(command),
+                                    **kw)
+        resp = self.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config), timeout=60)
+        return resp.container_id
+
+    def status(self, container: str) -> pb.ContainerStatus:
+        return self.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=container), timeout=10).status
+
+    def wait_exited(self, container: str, timeout: float = 15) -> pb.ContainerStatus:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(container)
+            if status.state == pb.CONTAINER_EXITED:
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"container {container} did not exit: {status}")
+
+
+def _cni_conf(folder: Path, bridge: str, subnet: str, ipam_dir: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "10-ctrd-test.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "ctrd-cri-test",
+        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
+                              "dataDir": str(ipam_dir)}}],
+    }))
+
+
+def _import(daemon: CtrdProcess, folder: Path) -> None:
+    archive = folder / "images.tar"
+    pause = busybox.busybox_image(config=writer.ImageConfig(cmd=["sleep", "1000000"]))
+    writer.write_oci_archive(archive, {PAUSE: pause, BUSYBOX: busybox.busybox_image()})
+    daemon.ctr("images", "import", str(archive), namespace="k8s.io")
+
+
+@pytest.fixture(scope="module")
+def cri() -> Iterator[CRI]:
+    base = new_base("ctrd-cri-")
+    bridge = f"ctrdcri{secrets.token_hex(3)}"
+    third = int.from_bytes(os.urandom(1), "big") % 200 + 20
+    _cni_conf(base / "net.d", bridge, f"10.253.{third}.0/24", base / "ipam")
+    (base / "netns").mkdir()
+    config = f"""
+[plugins."io.containerd.grpc.v1.cri"]
+sandbox_image = "{PAUSE}"
+netns_dir = "{base / 'netns'}"
+[plugins."io.containerd.grpc.v1.cri".cni]
+conf_dir = "{base / 'net.d'}"
+cache_dir = "{base / 'cni-cache'}"
+"""
+    daemon = CtrdProcess(base, config_text=config)
+    channel = None
+    try:
+        daemon.start()
+        _import(daemon, base)
+        channel = grpc.insecure_channel(f"unix://{daemon.address}")
+        yield CRI(daemon, rpc.RuntimeServiceStub(channel), rpc.ImageServiceStub(channel),
+                  f"10.253.{third}.", base)
+    finally:
+        if channel is not None:
+            channel.close()
+        _teardown(daemon, base, bridge)
+
+
+def _teardown(daemon: CtrdProcess, base: Path, bridge: str) -> None:
+    # Pods left by a failed test: their tasks, netns and veths go with the daemon's help.
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        try:
+            with grpc.insecure_channel(f"unix://{daemon.address}") as channel:
+                stub = rpc.RuntimeServiceStub(channel)
+                for pod in stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items:
+                    stub.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id),
+                                        timeout=60)
+                    stub.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id),
+                                          timeout=60)
+        except grpc.RpcError:
+            pass
+    daemon.stop()
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for target in sorted((m for m in mounts if m.startswith(str(base))), reverse=True):
+        subprocess.run(["umount", "-l", target], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+    remove_namespace_dirs(["k8s.io"])
+
+
+def _code(call, *args, **kw) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kw)
+    return info.value.code()
+
+
+# -- runtime status and images -------------------------------------------------------------
+
+
+def test_version_and_status(cri: CRI) -> None:
+    version = cri.runtime.Version(pb.VersionRequest(version="v1"), timeout=10)
+    assert version.runtime_name == "ctrd" and version.runtime_api_version == "v1"
+    conditions = {c.type: c.status for c in
+                  cri.runtime.Status(pb.StatusRequest(), timeout=10).status.conditions}
+    assert conditions == {"RuntimeReady": True, "NetworkReady": True}
+
+
+def test_images_are_listed_by_id(cri: CRI) -> None:
+    images = cri.images.ListImages(pb.ListImagesRequest(), timeout=10).images
+    tags = {tag: image for image in images for tag in image.repo_tags}
+    assert {PAUSE, BUSYBOX} <= set(tags)
+    image = tags[BUSYBOX]
+    assert image.id.startswith("sha256:") and image.size > 100_000
+    assert image.repo_digests[0].startswith("ctrd.test/busybox@sha256:")
+    status = cri.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=image.id)),
+                                    timeout=10)
+    assert status.image.repo_tags == image.repo_tags
+    by_short = cri.images.ImageStatus(pb.ImageStatusRequest(
+        image=pb.ImageSpec(image=image.id.removeprefix("sha256:"))), timeout=10)
+    assert by_short.image.id == image.id
+    missing = cri.images.ImageStatus(pb.ImageStatusRequest(
+        image=pb.ImageSpec(image="ctrd.test/nothing:here")), timeout=10)
+    assert not missing.HasField("image")
+    fs = cri.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=30).image_filesystems
+    assert fs[0].used_bytes.value > 0 and fs[0].fs_id.mountpoint
+
+
+def test_hostile_image_requests(cri: CRI) -> None:
+    assert _code(cri.images.ImageStatus, pb.ImageStatusRequest(image=pb.ImageSpec(image="")),
+                 timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(cri.images.ImageStatus, pb.ImageStatusRequest(
+        image=pb.ImageSpec(image="UPPER/Case::bad")), timeout=10) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(cri.images.PullImage, pb.PullImageRequest(
+        image=pb.ImageSpec(image="ctrd.test/x:1"), auth=pb.AuthConfig(auth="%%%")),
+        timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
+    # Removing what is not there is fine, as CRI asks.
+    cri.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image="ctrd.test/no:pe")),
+                           timeout=10)
+
+
+# -- pods and containers -------------------------------------------------------------------
+
+
+def test_pod_lifecycle_with_network(cri: CRI) -> None:
+    pod, config = cri.run_pod("web")
+    status = cri.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod),
+                                          timeout=10).status
+    assert status.state == pb.SANDBOX_READY
+    assert status.network.ip.startswith(cri.subnet_prefix)
+    assert status.metadata.name == "web"
+    listed = cri.runtime.ListPodSandbox(pb.ListPodSandboxRequest(
+        filter=pb.PodSandboxFilter(id=pod[:12])), timeout=10).items
+    assert [p.id for p in listed] == [pod]
+    # The pod's containers share its network namespace: they see its address.
+    c = cri.container(pod, config, "app", "sleep", "1000")
+    cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+    out = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=c, cmd=["ip", "-4", "addr"],
+                                                  timeout=10), timeout=30)
+    assert out.exit_code == 0 and status.network.ip.encode() in out.stdout
+    hostname = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=c, cmd=["hostname"]),
+                                    timeout=30)
+    assert hostname.stdout.strip() == b"web"
+    cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    assert cri.status(c).state == pb.CONTAINER_EXITED
+    stopped = cri.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod),
+                                           timeout=10).status
+    assert stopped.state == pb.SANDBOX_NOTREADY
+    # Stop is idempotent; the netns is gone after it.
+    cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    assert not any((cri.base / "netns").iterdir())
+    cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    assert _code(cri.runtime.ContainerStatus, pb.ContainerStatusRequest(container_id=c),
+                 timeout=10) == grpc.StatusCode.NOT_FOUND
+    assert not cri.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
+    # Nothing of the pod is left: no record in containerd's view, no snapshot.
+    assert cri.daemon.ctr("containers", "ls", "-q", namespace="k8s.io").stdout.strip() == ""
+    snapshots = cri.daemon.ctr("snapshots", "ls", namespace="k8s.io").stdout
+    assert pod not in snapshots and c not in snapshots
+
+
+def test_container_exit_code_and_logs(cri: CRI) -> None:
+    pod, config = cri.run_pod("logs")
+    try:
+        c = cri.container(pod, config, "say", "sh", "-c",
+                          "echo out-line; echo err-line >&2; printf partial; exit 3",
+                          envs=[pb.KeyValue(key="GREETING", value="hi")])
+        assert cri.status(c).state == pb.CONTAINER_CREATED
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        status = cri.wait_exited(c)
+        assert status.exit_code == 3 and status.reason == "Error"
+        assert status.finished_at >= status.started_at > 0
+        log_path = Path(config.log_directory) / "say.log"
+        assert status.log_path == str(log_path)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "partial" not in log_path.read_text():
+            time.sleep(0.05)
+        lines = log_path.read_text().splitlines()
+        parsed = [line.split(" ", 3)[1:] for line in lines]
+        assert ["stdout", "F", "out-line"] in parsed
+        assert ["stderr", "F", "err-line"] in parsed
+        # containerd tags a last line without its newline P (partial), and so does ctrd.
+        assert ["stdout", "P", "partial"] in parsed
+        # A started container cannot be started again.
+        assert _code(cri.runtime.StartContainer, pb.StartContainerRequest(container_id=c),
+                     timeout=30) == grpc.StatusCode.FAILED_PRECONDITION
+        listed = cri.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+            pod_sandbox_id=pod, state=pb.ContainerStateValue(state=pb.CONTAINER_EXITED))),
+            timeout=10).containers
+        assert [x.id for x in listed] == [c]
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def test_stop_container_escalates_to_kill(cri: CRI) -> None:
+    pod, config = cri.run_pod("stopper")
+    try:
+        # The shell ignores SIGTERM: StopContainer must fall back to SIGKILL after 1 s.
+        c = cri.container(pod, config, "stubborn", "sh", "-c",
+                          "trap '' TERM; while :; do sleep 1; done")
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        started = time.monotonic()
+        cri.runtime.StopContainer(pb.StopContainerRequest(container_id=c, timeout=1),
+                                  timeout=60)
+        assert time.monotonic() - started >= 1
+        status = cri.status(c)
+        assert status.state == pb.CONTAINER_EXITED and status.exit_code == 137
+        # Stopping a stopped container is fine; removing twice too.
+        cri.runtime.StopContainer(pb.StopContainerRequest(container_id=c, timeout=1),
+                                  timeout=60)
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=c), timeout=60)
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=c), timeout=60)
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def test_exec_sync_timeout_and_exit_code(cri: CRI) -> None:
+    pod, config = cri.run_pod("execs")
+    try:
+        c = cri.container(pod, config, "idle", "sleep", "1000")
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        out = cri.runtime.ExecSync(pb.ExecSyncRequest(
+            container_id=c, cmd=["sh", "-c", "echo o; echo e >&2; exit 7"]), timeout=30)
+        assert (out.stdout, out.stderr, out.exit_code) == (b"o\n", b"e\n", 7)
+        started = time.monotonic()
+        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(
+            container_id=c, cmd=["sleep", "30"], timeout=1), timeout=30) == \
+            grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 15
+        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(container_id=c, cmd=[]),
+                     timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(
+            container_id="f" * 64, cmd=["true"]), timeout=30) == grpc.StatusCode.NOT_FOUND
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def test_hostile_pod_and_container_requests(cri: CRI) -> None:
+    bad = cri.pod_config("")
+    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=bad),
+                 timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
+        config=cri.pod_config("x"), runtime_handler="nope"), timeout=30) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
+        config=cri.pod_config("x", hostname="bad host/name")), timeout=30) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(cri.runtime.PodSandboxStatus, pb.PodSandboxStatusRequest(
+        pod_sandbox_id="nope"), timeout=10) == grpc.StatusCode.NOT_FOUND
+    assert _code(cri.runtime.CreateContainer, pb.CreateContainerRequest(
+        pod_sandbox_id="nope", config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="a"), image=pb.ImageSpec(image=BUSYBOX))),
+        timeout=10) == grpc.StatusCode.NOT_FOUND
+    pod, config = cri.run_pod("hostile")
+    try:
+        # The same pod name and attempt twice is refused while the first exists.
+        assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=config),
+                     timeout=30) == grpc.StatusCode.ALREADY_EXISTS
+        c = cri.container(pod, config, "one", "sleep", "1")
+        assert _code(cri.container, pod, config, "one", "sleep", "1") == \
+            grpc.StatusCode.ALREADY_EXISTS
+        assert _code(cri.container, pod, config, "up", "true", log_path="../../escape.log") \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(cri.runtime.CreateContainer, pb.CreateContainerRequest(
+            pod_sandbox_id=pod, config=pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name="noimg"),
+                image=pb.ImageSpec(image="ctrd.test/absent:1"))), timeout=10) == \
+            grpc.StatusCode.NOT_FOUND
+        assert _code(cri.container, pod, config, "relcwd", "true", working_dir="rel") == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(cri.runtime.StopContainer, pb.StopContainerRequest(
+            container_id=c, timeout=-1), timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
+        # A failed create reserved nothing: the name can be used now.
+        cri.container(pod, config, "relcwd", "true")
+        # Removing a pod takes its containers with it.
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        assert _code(cri.container, pod, config, "late", "true") == \
+            grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    assert not cri.runtime.ListContainers(pb.ListContainersRequest(
+        filter=pb.ContainerFilter(pod_sandbox_id=pod)), timeout=10).containers
+
+
+def test_daemon_restart_keeps_pods_and_notes_exits(cri: CRI) -> None:
+    """SIGKILL the daemon with a pod running; a container that ends while it is down
+    is reported EXITED with its code after the restart, the others keep running."""
+    pod, config = cri.run_pod("survivor")
+    try:
+        stays = cri.container(pod, config, "stays", "sleep", "1000")
+        ends = cri.container(pod, config, "ends", "sleep", "1000")
+        for c in (stays, ends):
+            cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        ends_pid = _task_pid(cri, ends)
+        cri.daemon.kill()
+        os.kill(ends_pid, 9)
+        cri.daemon.start()
+        status = cri.wait_exited(ends)
+        assert status.exit_code == 137
+        assert cri.status(stays).state == pb.CONTAINER_RUNNING
+        pod_status = cri.runtime.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod), timeout=10).status
+        assert pod_status.state == pb.SANDBOX_READY
+        # The log of the running container is attached again.
+        out = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=stays, cmd=["echo", "ok"]),
+                                   timeout=30)
+        assert out.stdout == b"ok\n"
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def _task_pid(cri: CRI, container: str) -> int:
+    for line in cri.daemon.ctr("tasks", "ls", namespace="k8s.io").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == container:
+            return int(fields[1])
+    raise AssertionError(f"no task for {container}")
