@@ -30,7 +30,7 @@ from ..metadata.containers import Container as Record
 from ..runtime.shim_manager import CreateOpts, TaskManager
 from ..runtime.task import IO, Exit
 from ..snapshots.mounts import temp_mount
-from . import specs
+from . import specs, stats
 from .config import NAMESPACE, CRIConfig
 from .execio import ExecCapture
 from .fifos import ContainerFifos, create_fifos, remove_fifos
@@ -42,9 +42,11 @@ from .records import (
     ContainerConfig,
     ContainerState,
     ContainerStatus,
+    Resources,
     Sandbox,
     SandboxState,
 )
+from .stats import Usage
 from .store import CRIStore
 
 log = structlog.get_logger()
@@ -56,6 +58,7 @@ EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 LOG_DRAIN_TIMEOUT = 10.0
 # The type URL containerd's clients give an exec's JSON process spec.
 PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 
 def container_name(config: ContainerConfig, pod: Sandbox) -> str:
@@ -286,6 +289,36 @@ class ContainerManager:
         if container.status.state != ContainerState.RUNNING or copier is None:
             raise FailedPrecondition(f"container {container.id} is not running")
         await copier.reopen()
+
+    # -- resources ------------------------------------------------------------------------
+
+    async def update_resources(self, id_: str, resources: Resources) -> None:
+        """New CPU/memory limits: in the stored spec, and on the live task if running."""
+        container = self.store.container(id_)
+        async with self.store.lock(container.id):
+            record = await self.store.records.get(NAMESPACE, container.id)
+            assert record.spec is not None
+            spec = json.loads(record.spec.value)
+            specs.with_resources(spec, resources)
+            if container.status.state == ContainerState.RUNNING:
+                task = self.tasks.get(NAMESPACE, container.id)
+                value = json.dumps(spec["linux"]["resources"]).encode()
+                await task.update(any_pb2.Any(type_url=RESOURCES_TYPE, value=value), {})
+            record.spec = AnyValue(record.spec.type_url, oci.dumps(spec))
+            await self.store.records.update(NAMESPACE, record, ["spec"])
+            container.config.resources = resources
+            await self.store.save(container)
+        log.info("container resources updated", container=container.id)
+
+    async def stats(self, id_: str) -> Usage | None:
+        """CPU and memory use of a running container; None for one that is not running."""
+        container = self.store.container(id_)
+        if container.status.state != ContainerState.RUNNING:
+            return None
+        try:
+            return stats.from_metrics(await self.tasks.get(NAMESPACE, container.id).stats())
+        except NotFound:
+            return None
 
     # -- exec -----------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
     _join_pod(spec, sandbox, config.pid)
     spec["hostname"] = pod.hostname
     spec["linux"]["cgroupsPath"] = cgroup_path(pod.cgroup_parent, id_, namespace)
-    _resources(spec, config.resources)
+    with_resources(spec, config.resources)
     _pod_files(spec, files, pod, taken={m.container_path for m in config.mounts})
     for mount in config.mounts:
         spec["mounts"].append(_bind(mount))
@@ -211,7 +211,8 @@ def _cap(name: str) -> str:
     return upper if upper.startswith(_CAP_PREFIX) else _CAP_PREFIX + upper
 
 
-def _resources(spec: dict[str, Any], res: Resources) -> None:
+def with_resources(spec: dict[str, Any], res: Resources) -> None:
+    """Set the CPU and memory limits of ``res`` that are given (non-zero)."""
     linux = spec["linux"]["resources"]
     cpu: dict[str, Any] = {}
     if res.cpu_period:

@@ -27,6 +27,7 @@ from ..cri.records import (
     Sandbox,
     SandboxConfig,
 )
+from ..cri.stats import Usage
 from ..plugin import INTERNAL, InitContext
 from ..remotes.auth import Credentials
 from .interceptor import Registrar
@@ -163,6 +164,37 @@ class RuntimeService:
         await self.runtime.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
+    async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
+                                       context) -> pb.UpdateContainerResourcesResponse:
+        if not request.HasField("linux"):
+            raise InvalidArgument("linux resources are required")
+        await self.runtime.containers.update_resources(request.container_id,
+                                                       _resources(request.linux))
+        return pb.UpdateContainerResourcesResponse()
+
+    async def ContainerStats(self, request: pb.ContainerStatsRequest,
+                             context) -> pb.ContainerStatsResponse:
+        container = self.runtime.container(request.container_id)
+        usage = await self.runtime.containers.stats(container.id)
+        return pb.ContainerStatsResponse(stats=_stats(container, usage))
+
+    async def ListContainerStats(self, request: pb.ListContainerStatsRequest,
+                                 context) -> pb.ListContainerStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        items = []
+        for c in self.runtime.list_containers():
+            if f is not None:
+                if f.id and not c.id.startswith(f.id):
+                    continue
+                if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
+                    continue
+                if not _labels_match(c.config.labels, f.label_selector):
+                    continue
+            if c.status.state != ContainerState.RUNNING:
+                continue  # containerd lists the stats of running containers only
+            items.append(_stats(c, await self.runtime.containers.stats(c.id)))
+        return pb.ListContainerStatsResponse(stats=items)
+
     async def ExecSync(self, request: pb.ExecSyncRequest, context) -> pb.ExecSyncResponse:
         if not request.cmd:
             raise InvalidArgument("cmd must not be empty")
@@ -271,11 +303,7 @@ def _container_config(config: pb.ContainerConfig) -> ContainerConfig:
         envs=[(e.key, e.value) for e in config.envs], mounts=mounts,
         labels=dict(config.labels), annotations=dict(config.annotations),
         log_path=config.log_path, stdin=config.stdin, stdin_once=config.stdin_once,
-        tty=config.tty,
-        resources=Resources(cpu_period=res.cpu_period, cpu_quota=res.cpu_quota,
-                            cpu_shares=res.cpu_shares, memory_limit=res.memory_limit_in_bytes,
-                            oom_score_adj=res.oom_score_adj, cpuset_cpus=res.cpuset_cpus,
-                            cpuset_mems=res.cpuset_mems),
+        tty=config.tty, resources=_resources(res),
         privileged=security.privileged,
         run_as_user=security.run_as_user.value if security.HasField("run_as_user") else None,
         run_as_group=security.run_as_group.value if security.HasField("run_as_group") else None,
@@ -283,6 +311,13 @@ def _container_config(config: pb.ContainerConfig) -> ContainerConfig:
         add_capabilities=list(security.capabilities.add_capabilities),
         drop_capabilities=list(security.capabilities.drop_capabilities),
         no_new_privs=security.no_new_privs, pid=_mode(security.namespace_options, "pid"))
+
+
+def _resources(res: pb.LinuxContainerResources) -> Resources:
+    return Resources(cpu_period=res.cpu_period, cpu_quota=res.cpu_quota,
+                     cpu_shares=res.cpu_shares, memory_limit=res.memory_limit_in_bytes,
+                     oom_score_adj=res.oom_score_adj, cpuset_cpus=res.cpuset_cpus,
+                     cpuset_mems=res.cpuset_mems)
 
 
 def _credentials(auth: pb.AuthConfig) -> Credentials | None:
@@ -343,6 +378,25 @@ def _container_status(container: Container) -> pb.ContainerStatus:
         mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path,
                          readonly=m.readonly, propagation=m.propagation) for m in c.mounts],
         log_path=container.log_path, image_id=container.image_id)
+
+
+def _stats(container: Container, usage: Usage | None) -> pb.ContainerStats:
+    stats = pb.ContainerStats(attributes=pb.ContainerAttributes(
+        id=container.id, metadata=_container_metadata(container),
+        labels=container.config.labels, annotations=container.config.annotations))
+    if usage is not None:
+        stats.cpu.timestamp = usage.timestamp
+        stats.cpu.usage_core_nano_seconds.value = usage.cpu_ns
+        memory = stats.memory
+        memory.timestamp = usage.timestamp
+        memory.working_set_bytes.value = usage.working_set
+        memory.usage_bytes.value = usage.memory_usage
+        memory.rss_bytes.value = usage.rss
+        memory.page_faults.value = usage.page_faults
+        memory.major_page_faults.value = usage.major_page_faults
+        if usage.available is not None:
+            memory.available_bytes.value = usage.available
+    return stats
 
 
 def _image(info: ImageInfo) -> pb.Image:

@@ -398,3 +398,49 @@ def _task_pid(cri: CRI, container: str) -> int:
         if fields[0] == container:
             return int(fields[1])
     raise AssertionError(f"no task for {container}")
+
+
+def _memory_limit(container: str) -> int:
+    v1 = Path("/sys/fs/cgroup/memory/k8s.io", container, "memory.limit_in_bytes")
+    v2 = Path("/sys/fs/cgroup/k8s.io", container, "memory.max")
+    return int((v1 if v1.exists() else v2).read_text())
+
+
+def test_stats_and_resource_update(cri: CRI) -> None:
+    pod, config = cri.run_pod("stats")
+    try:
+        c = cri.container(pod, config, "busy", "sleep", "1000",
+                          linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(
+                              memory_limit_in_bytes=64 << 20)))
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        assert _memory_limit(c) == 64 << 20
+        stats = cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=c),
+                                           timeout=30).stats
+        assert stats.attributes.id == c and stats.attributes.metadata.name == "busy"
+        assert stats.cpu.usage_core_nano_seconds.value > 0
+        assert 0 < stats.memory.working_set_bytes.value <= stats.memory.usage_bytes.value
+        assert 0 < stats.memory.available_bytes.value < 64 << 20
+        cri.runtime.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
+            container_id=c, linux=pb.LinuxContainerResources(memory_limit_in_bytes=128 << 20)),
+            timeout=30)
+        assert _memory_limit(c) == 128 << 20
+        listed = cri.runtime.ListContainerStats(pb.ListContainerStatsRequest(
+            filter=pb.ContainerStatsFilter(pod_sandbox_id=pod)), timeout=30).stats
+        assert [s.attributes.id for s in listed] == [c]
+        # Hostile updates change nothing.
+        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+            container_id=c, linux=pb.LinuxContainerResources(memory_limit_in_bytes=-5)),
+            timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+            container_id=c), timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+            container_id="0" * 64, linux=pb.LinuxContainerResources(cpu_shares=2)),
+            timeout=30) == grpc.StatusCode.NOT_FOUND
+        assert _memory_limit(c) == 128 << 20
+        cri.runtime.StopContainer(pb.StopContainerRequest(container_id=c), timeout=60)
+        stopped = cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=c),
+                                             timeout=30).stats
+        assert stopped.attributes.id == c and not stopped.HasField("cpu")
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
