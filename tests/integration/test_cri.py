@@ -6,6 +6,7 @@ test's own, on a private subnet, torn down with the module.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import grpc
 import pytest
 from helpers.containerd_ref import remove_namespace_dirs
 from helpers.ctrd_proc import CtrdProcess, new_base
+from helpers.registry import Registry, start_registry
 
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2_grpc as rpc
@@ -39,6 +41,7 @@ class CRI:
     images: rpc.ImageServiceStub
     subnet_prefix: str
     base: Path
+    registry: Registry | None
 
     def pod_config(self, name: str, **kw) -> pb.PodSandboxConfig:
         kw.setdefault("hostname", name)
@@ -101,7 +104,13 @@ def cri() -> Iterator[CRI]:
     third = int.from_bytes(os.urandom(1), "big") % 200 + 20
     _cni_conf(base / "net.d", bridge, f"10.253.{third}.0/24", base / "ipam")
     (base / "netns").mkdir()
+    registry = None
+    if shutil.which("docker-registry") and shutil.which("skopeo"):
+        registry = start_registry(base / "registry", users={"kube": "pods"})
+    plain_http = f'"{registry.host}"' if registry else ""
     config = f"""
+[plugins."io.containerd.transfer.v1.local"]
+plain_http = [{plain_http}]
 [plugins."io.containerd.grpc.v1.cri"]
 sandbox_image = "{PAUSE}"
 netns_dir = "{base / 'netns'}"
@@ -116,10 +125,12 @@ cache_dir = "{base / 'cni-cache'}"
         _import(daemon, base)
         channel = grpc.insecure_channel(f"unix://{daemon.address}")
         yield CRI(daemon, rpc.RuntimeServiceStub(channel), rpc.ImageServiceStub(channel),
-                  f"10.253.{third}.", base)
+                  f"10.253.{third}.", base, registry)
     finally:
         if channel is not None:
             channel.close()
+        if registry is not None:
+            registry.stop()
         _teardown(daemon, base, bridge)
 
 
@@ -194,6 +205,48 @@ def test_hostile_image_requests(cri: CRI) -> None:
     # Removing what is not there is fine, as CRI asks.
     cri.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image="ctrd.test/no:pe")),
                            timeout=10)
+
+
+def test_pull_with_credentials_run_and_remove(cri: CRI) -> None:
+    if cri.registry is None:
+        pytest.skip("needs docker-registry and skopeo")
+    image = busybox.busybox_image(config=writer.ImageConfig(cmd=["sleep", "1000"]))
+    cri.registry.push_image(image, "cri/busybox:v1", cri.base)
+    ref = f"{cri.registry.host}/cri/busybox:v1"
+    spec = pb.ImageSpec(image=ref)
+    assert _code(cri.images.PullImage, pb.PullImageRequest(image=spec), timeout=60) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert _code(cri.images.PullImage, pb.PullImageRequest(
+        image=spec, auth=pb.AuthConfig(username="kube", password="wrong")), timeout=60) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    pulled = cri.images.PullImage(pb.PullImageRequest(
+        image=spec, auth=pb.AuthConfig(username="kube", password="pods")), timeout=120)
+    status = cri.images.ImageStatus(pb.ImageStatusRequest(image=spec), timeout=10).image
+    assert status.id == pulled.image_ref and status.repo_tags == [ref]
+    assert f"{cri.registry.host}/cri/busybox@{image.digest}" in status.repo_digests
+    # The same pull with the credentials as docker's base64 "auth" field.
+    again = cri.images.PullImage(pb.PullImageRequest(image=spec, auth=pb.AuthConfig(
+        auth=base64.b64encode(b"kube:pods").decode())), timeout=120)
+    assert again.image_ref == pulled.image_ref
+    pod, config = cri.run_pod("pulled")
+    try:
+        c = cri.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=config, config=pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name="from-registry"), image=spec)),
+            timeout=60).container_id
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        out = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=c, cmd=["echo", "up"]),
+                                   timeout=30)
+        assert out.stdout == b"up\n"
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+    cri.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=pulled.image_ref)),
+                           timeout=30)
+    assert not cri.images.ImageStatus(pb.ImageStatusRequest(image=spec),
+                                      timeout=10).HasField("image")
+    names = cri.daemon.ctr("images", "ls", "-q", namespace="k8s.io").stdout
+    assert "cri/busybox" not in names and pulled.image_ref not in names
 
 
 # -- pods and containers -------------------------------------------------------------------
