@@ -59,6 +59,13 @@ class RuntimeService:
                                 reason=network.reason, message=network.message),
         ]))
 
+    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest,
+                            context) -> pb.RuntimeConfigResponse:
+        # Containers' cgroups are paths in the cgroup tree (/k8s.io/<id>, or under the
+        # pod's parent), not systemd units: kubelet must use its cgroupfs driver too.
+        return pb.RuntimeConfigResponse(
+            linux=pb.LinuxRuntimeConfiguration(cgroup_driver=pb.CGROUPFS))
+
     # -- pods -----------------------------------------------------------------------------
 
     async def RunPodSandbox(self, request: pb.RunPodSandboxRequest,

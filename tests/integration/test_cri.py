@@ -171,6 +171,11 @@ def test_version_and_status(cri: CRI) -> None:
     conditions = {c.type: c.status for c in
                   cri.runtime.Status(pb.StatusRequest(), timeout=10).status.conditions}
     assert conditions == {"RuntimeReady": True, "NetworkReady": True}
+    config = cri.runtime.RuntimeConfig(pb.RuntimeConfigRequest(), timeout=10)
+    assert config.linux.cgroup_driver == pb.CGROUPFS
+    # What ctrd does not serve says so clearly.
+    assert _code(cri.runtime.Attach, pb.AttachRequest(container_id="x"), timeout=10) == \
+        grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_images_are_listed_by_id(cri: CRI) -> None:
