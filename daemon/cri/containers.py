@@ -31,6 +31,7 @@ from ..runtime.shim_manager import CreateOpts, TaskManager
 from ..runtime.task import IO, Exit
 from ..snapshots.mounts import temp_mount
 from . import specs, stats
+from .cleanup import delete_task, remove_snapshot
 from .config import NAMESPACE, CRIConfig
 from .execio import ExecCapture
 from .fifos import ContainerFifos, create_fifos, remove_fifos
@@ -110,7 +111,8 @@ class ContainerManager:
             undo.callback(self.store.release, name)
             mounts = await self.snapshots.prepare(NAMESPACE, self.config.snapshotter, id_,
                                                   image.chain_id, {})
-            undo.push_async_callback(self._remove_snapshot, id_)
+            undo.push_async_callback(remove_snapshot, self.snapshots,
+                                     self.config.snapshotter, id_)
             files = self.sandbox_files(sandbox.id)
             spec = await asyncio.to_thread(self._spec, id_, config, sandbox, image.config,
                                            config.image, mounts, files)
@@ -161,7 +163,7 @@ class ContainerManager:
                 try:
                     await task.start()
                 except BaseException:
-                    await self._delete_task(container.id)
+                    await delete_task(self.tasks, container.id)
                     raise
             except BaseException as exc:
                 await copier.close()
@@ -199,7 +201,7 @@ class ContainerManager:
         status.finished_at = exit_.exited_at or time.time_ns()
         status.reason = status.reason or ("Completed" if exit_.status == 0 else "Error")
         await self.store.save(container)
-        await self._delete_task(container.id)
+        await delete_task(self.tasks, container.id)
         copier = self._logs.pop(container.id, None)
         if copier is not None:
             # A process the container left behind may hold its stdout: never wait for
@@ -273,8 +275,8 @@ class ContainerManager:
             return  # removing twice is fine, as CRI asks
         async with self.store.lock(container.id):
             await self._stop(container, 0)
-            await self._delete_task(container.id)
-            await self._remove_snapshot(container.id)
+            await delete_task(self.tasks, container.id)
+            await remove_snapshot(self.snapshots, self.config.snapshotter, container.id)
             await self._remove_fifos(container.id)
             await self.store.remove(container)
         log.info("container removed", container=container.id)
@@ -373,17 +375,7 @@ class ContainerManager:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _delete_task(self, id_: str) -> None:
-        try:
-            await self.tasks.delete(NAMESPACE, id_)
-        except NotFound:
-            pass
 
-    async def _remove_snapshot(self, key: str) -> None:
-        try:
-            await self.snapshots.remove(NAMESPACE, self.config.snapshotter, key)
-        except NotFound:
-            pass
 
     async def _remove_fifos(self, id_: str) -> None:
         folder = self.fifo_dir(id_)

@@ -30,6 +30,7 @@ from ..metadata.containers import Container as Record
 from ..runtime.shim_manager import CreateOpts, TaskManager
 from ..runtime.task import IO
 from . import cni, netns, specs
+from .cleanup import delete_task, remove_snapshot
 from .config import NAMESPACE, CRIConfig
 from .images import CRIImages, ImageInfo
 from .mounts import to_proto
@@ -96,7 +97,8 @@ class SandboxManager:
                 await self._setup_network(sandbox, undo)
             mounts = await self.snapshots.prepare(NAMESPACE, self.config.snapshotter, id_,
                                                   image.chain_id, {})
-            undo.push_async_callback(self._remove_snapshot, id_)
+            undo.push_async_callback(remove_snapshot, self.snapshots,
+                                     self.config.snapshotter, id_)
             spec = specs.sandbox_spec(sandbox, image.config, files, NAMESPACE)
             record = Record(id=id_, runtime_name=self.config.runtime,
                             spec=AnyValue(OCI_SPEC_TYPE, oci.dumps(spec)),
@@ -107,7 +109,7 @@ class SandboxManager:
             opts = CreateOpts(spec=oci.dumps(spec), runtime=self.config.runtime, io=IO(),
                               rootfs=to_proto(mounts))
             task, pid = await self.tasks.create(NAMESPACE, id_, opts)
-            undo.push_async_callback(self._delete_task, id_)
+            undo.push_async_callback(delete_task, self.tasks, id_)
             await task.start()
             sandbox.pid = pid
             sandbox.state = SandboxState.READY
@@ -164,7 +166,7 @@ class SandboxManager:
             if sandbox.netns_path:
                 await self._teardown_network(sandbox)
                 await netns.remove(sandbox.netns_path)
-            await self._remove_snapshot(sandbox.id)
+            await remove_snapshot(self.snapshots, self.config.snapshotter, sandbox.id)
             await asyncio.to_thread(shutil.rmtree, self.files(sandbox.id), True)
             await self.store.remove(sandbox)
         log.info("sandbox removed", sandbox=sandbox.id)
@@ -183,23 +185,13 @@ class SandboxManager:
         except (TimeoutError, CtrdError) as exc:
             log.warning("sandbox task did not report its exit", sandbox=sandbox.id,
                         error=str(exc) or type(exc).__name__)
-        await self._delete_task(sandbox.id)
+        await delete_task(self.tasks, sandbox.id)
 
-    async def _delete_task(self, id_: str) -> None:
-        try:
-            await self.tasks.delete(NAMESPACE, id_)
-        except NotFound:
-            pass
 
     async def _teardown_network(self, sandbox: Sandbox) -> None:
         await self.network.teardown(sandbox.id, sandbox.netns_path, args=_cni_args(sandbox),
                                     port_mappings=_port_mappings(sandbox.config))
 
-    async def _remove_snapshot(self, key: str) -> None:
-        try:
-            await self.snapshots.remove(NAMESPACE, self.config.snapshotter, key)
-        except NotFound:
-            pass
 
     async def on_exit(self, id_: str) -> None:
         """The pause process ended (killed, or the pod's cgroup ran out of memory)."""
@@ -211,7 +203,7 @@ class SandboxManager:
                 return
             sandbox.state = SandboxState.NOTREADY
             await self.store.save(sandbox)
-            await self._delete_task(id_)
+            await delete_task(self.tasks, id_)
         log.info("sandbox exited", sandbox=id_)
 
     async def recover(self) -> None:

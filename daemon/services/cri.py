@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from ctrd import __version__
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
@@ -143,16 +143,9 @@ class RuntimeService:
                              context) -> pb.ListContainersResponse:
         f = request.filter if request.HasField("filter") else None
         items = []
-        for c in self.runtime.list_containers():
-            if f is not None:
-                if f.id and not c.id.startswith(f.id):
-                    continue
-                if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
-                    continue
-                if f.HasField("state") and f.state.state != c.status.state:
-                    continue
-                if not _labels_match(c.config.labels, f.label_selector):
-                    continue
+        for c in _containers(self.runtime.list_containers(), f):
+            if f is not None and f.HasField("state") and f.state.state != c.status.state:
+                continue
             items.append(pb.Container(
                 id=c.id, pod_sandbox_id=c.sandbox_id, metadata=_container_metadata(c),
                 image=pb.ImageSpec(image=c.image_ref), image_ref=c.image_id,
@@ -189,14 +182,7 @@ class RuntimeService:
                                  context) -> pb.ListContainerStatsResponse:
         f = request.filter if request.HasField("filter") else None
         items = []
-        for c in self.runtime.list_containers():
-            if f is not None:
-                if f.id and not c.id.startswith(f.id):
-                    continue
-                if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
-                    continue
-                if not _labels_match(c.config.labels, f.label_selector):
-                    continue
+        for c in _containers(self.runtime.list_containers(), f):
             if c.status.state != ContainerState.RUNNING:
                 continue  # containerd lists the stats of running containers only
             items.append(_stats(c, await self.runtime.containers.stats(c.id)))
@@ -346,6 +332,15 @@ def _credentials(auth: pb.AuthConfig) -> Credentials | None:
 
 def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _containers(containers: Iterable[Container],
+                f: pb.ContainerFilter | pb.ContainerStatsFilter | None) -> Iterator[Container]:
+    """The containers a filter's id and pod (both prefixes) and label selector let through."""
+    for c in containers:
+        if f is None or (c.id.startswith(f.id) and c.sandbox_id.startswith(f.pod_sandbox_id)
+                         and _labels_match(c.config.labels, f.label_selector)):
+            yield c
 
 
 def _pod_metadata(sandbox: Sandbox) -> pb.PodSandboxMetadata:
