@@ -7,6 +7,7 @@ test's own, on a private subnet, torn down with the module.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import secrets
@@ -502,3 +503,19 @@ def test_stats_and_resource_update(cri: CRI) -> None:
     finally:
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def test_concurrent_pods_get_distinct_addresses(cri: CRI) -> None:
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        pods = list(pool.map(lambda i: cri.run_pod(f"many{i}")[0], range(6)))
+        try:
+            ips = [cri.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=p),
+                                                timeout=10).status.network.ip for p in pods]
+            assert len(set(ips)) == 6 and all(ip.startswith(cri.subnet_prefix) for ip in ips)
+        finally:
+            list(pool.map(lambda p: cri.runtime.StopPodSandbox(
+                pb.StopPodSandboxRequest(pod_sandbox_id=p), timeout=60), pods))
+            list(pool.map(lambda p: cri.runtime.RemovePodSandbox(
+                pb.RemovePodSandboxRequest(pod_sandbox_id=p), timeout=60), pods))
+    assert not any((cri.base / "netns").iterdir())
+    assert not [f for f in (cri.base / "ipam").rglob("10.253.*")]
