@@ -13,15 +13,17 @@ import contextlib
 import structlog
 
 from ctrd.api.containerd.events import task_pb2 as ev
-from ctrd.errors import CtrdError
+from ctrd.errors import CtrdError, NotFound
 from ctrd.protoutil import unpack
 
 from ..events.exchange import Exchange
 from ..runtime.task import Exit
+from . import stats
 from .config import NAMESPACE
 from .containers import ContainerManager
-from .records import Container, ContainerConfig, Sandbox, SandboxConfig
+from .records import Container, ContainerConfig, Sandbox, SandboxConfig, SandboxState
 from .sandboxes import SandboxManager
+from .stats import PodUsage
 
 log = structlog.get_logger()
 
@@ -95,3 +97,21 @@ class CRIRuntime:
 
     def list_containers(self) -> list[Container]:
         return self.containers.list()
+
+    async def pod_stats(self, id_: str) -> PodUsage | None:
+        """Use of a ready pod (pause process and running containers); None if not ready."""
+        sandbox = self.pod(id_)
+        if sandbox.state != SandboxState.READY:
+            return None
+        try:
+            own = stats.from_metrics(
+                await self.sandboxes.tasks.get(NAMESPACE, sandbox.id).stats())
+        except NotFound:
+            return None
+        per_container = {}
+        for container in self.containers.store.containers_of(sandbox.id):
+            usage = await self.containers.stats(container.id)
+            if usage is not None:
+                per_container[container.id] = usage
+        interfaces = await asyncio.to_thread(stats.interfaces, sandbox.pid)
+        return PodUsage(stats.total([own, *per_container.values()]), per_container, interfaces)

@@ -26,6 +26,7 @@ from ..cri.records import (
     Resources,
     Sandbox,
     SandboxConfig,
+    SandboxState,
 )
 from ..cri.stats import Usage
 from ..plugin import INTERNAL, InitContext
@@ -111,6 +112,50 @@ class RuntimeService:
                 annotations=sandbox.config.annotations,
                 runtime_handler=sandbox.config.runtime_handler))
         return pb.ListPodSandboxResponse(items=items)
+
+    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest,
+                              context) -> pb.PodSandboxStatsResponse:
+        sandbox = self.runtime.pod(request.pod_sandbox_id)
+        return pb.PodSandboxStatsResponse(stats=await self._pod_stats(sandbox))
+
+    async def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest,
+                                  context) -> pb.ListPodSandboxStatsResponse:
+        f = request.filter if request.HasField("filter") else None
+        items = []
+        for sandbox in self.runtime.pods():
+            if f is not None and not (sandbox.id.startswith(f.id) and _labels_match(
+                    sandbox.config.labels, f.label_selector)):
+                continue
+            if sandbox.state == SandboxState.READY:  # as containerd: ready pods only
+                items.append(await self._pod_stats(sandbox))
+        return pb.ListPodSandboxStatsResponse(stats=items)
+
+    async def _pod_stats(self, sandbox: Sandbox) -> pb.PodSandboxStats:
+        c = sandbox.config
+        stats = pb.PodSandboxStats(attributes=pb.PodSandboxAttributes(
+            id=sandbox.id, metadata=_pod_metadata(sandbox), labels=c.labels,
+            annotations=c.annotations))
+        usage = await self.runtime.pod_stats(sandbox.id)
+        if usage is None:
+            return stats
+        linux = stats.linux
+        _usage(linux.cpu, linux.memory, usage.total)
+        linux.process.timestamp = usage.total.timestamp
+        linux.process.process_count.value = usage.total.processes
+        linux.network.timestamp = usage.total.timestamp
+        for i, iface in enumerate(usage.interfaces):
+            entry = pb.NetworkInterfaceUsage(
+                name=iface.name, rx_bytes=pb.UInt64Value(value=iface.rx_bytes),
+                rx_errors=pb.UInt64Value(value=iface.rx_errors),
+                tx_bytes=pb.UInt64Value(value=iface.tx_bytes),
+                tx_errors=pb.UInt64Value(value=iface.tx_errors))
+            if i == 0 or iface.name == "eth0":
+                linux.network.default_interface.CopyFrom(entry)
+            linux.network.interfaces.append(entry)
+        for container in self.runtime.list_containers():
+            if container.id in usage.containers:
+                linux.containers.append(_stats(container, usage.containers[container.id]))
+        return stats
 
     # -- containers -----------------------------------------------------------------------
 
@@ -387,18 +432,21 @@ def _stats(container: Container, usage: Usage | None) -> pb.ContainerStats:
         id=container.id, metadata=_container_metadata(container),
         labels=container.config.labels, annotations=container.config.annotations))
     if usage is not None:
-        stats.cpu.timestamp = usage.timestamp
-        stats.cpu.usage_core_nano_seconds.value = usage.cpu_ns
-        memory = stats.memory
-        memory.timestamp = usage.timestamp
-        memory.working_set_bytes.value = usage.working_set
-        memory.usage_bytes.value = usage.memory_usage
-        memory.rss_bytes.value = usage.rss
-        memory.page_faults.value = usage.page_faults
-        memory.major_page_faults.value = usage.major_page_faults
-        if usage.available is not None:
-            memory.available_bytes.value = usage.available
+        _usage(stats.cpu, stats.memory, usage)
     return stats
+
+
+def _usage(cpu: pb.CpuUsage, memory: pb.MemoryUsage, usage: Usage) -> None:
+    cpu.timestamp = usage.timestamp
+    cpu.usage_core_nano_seconds.value = usage.cpu_ns
+    memory.timestamp = usage.timestamp
+    memory.working_set_bytes.value = usage.working_set
+    memory.usage_bytes.value = usage.memory_usage
+    memory.rss_bytes.value = usage.rss
+    memory.page_faults.value = usage.page_faults
+    memory.major_page_faults.value = usage.major_page_faults
+    if usage.available is not None:
+        memory.available_bytes.value = usage.available
 
 
 def _image(info: ImageInfo) -> pb.Image:

@@ -519,3 +519,37 @@ def test_concurrent_pods_get_distinct_addresses(cri: CRI) -> None:
                 pb.RemovePodSandboxRequest(pod_sandbox_id=p), timeout=60), pods))
     assert not any((cri.base / "netns").iterdir())
     assert not [f for f in (cri.base / "ipam").rglob("10.253.*")]
+
+
+def test_pod_stats(cri: CRI) -> None:
+    pod, config = cri.run_pod("podstats")
+    try:
+        c = cri.container(pod, config, "worker", "sleep", "1000")
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        # Some traffic on the pod's interface: a ping of its own gateway.
+        cri.runtime.ExecSync(pb.ExecSyncRequest(
+            container_id=c, cmd=["ping", "-c", "1", "-W", "2", cri.subnet_prefix + "1"]),
+            timeout=30)
+        stats = cri.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod),
+                                            timeout=30).stats
+        assert stats.attributes.id == pod and stats.attributes.metadata.name == "podstats"
+        linux = stats.linux
+        assert [s.attributes.id for s in linux.containers] == [c]
+        assert linux.memory.working_set_bytes.value >= \
+            linux.containers[0].memory.working_set_bytes.value > 0
+        assert linux.cpu.usage_core_nano_seconds.value > 0
+        assert linux.process.process_count.value >= 2  # pause and sleep
+        assert linux.network.default_interface.name == "eth0"
+        assert linux.network.default_interface.tx_bytes.value > 0
+        listed = cri.runtime.ListPodSandboxStats(pb.ListPodSandboxStatsRequest(
+            filter=pb.PodSandboxStatsFilter(id=pod)), timeout=30).stats
+        assert [s.attributes.id for s in listed] == [pod]
+        assert _code(cri.runtime.PodSandboxStats, pb.PodSandboxStatsRequest(
+            pod_sandbox_id="0" * 64), timeout=10) == grpc.StatusCode.NOT_FOUND
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        stopped = cri.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod),
+                                              timeout=30).stats
+        assert not stopped.HasField("linux")
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
