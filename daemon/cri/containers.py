@@ -33,6 +33,7 @@ from ..snapshots.mounts import temp_mount
 from . import specs, stats
 from .cleanup import delete_task, remove_snapshot
 from .config import NAMESPACE, CRIConfig
+from .events import EventFeed, EventKind
 from .execio import ExecCapture
 from .fifos import ContainerFifos, create_fifos, remove_fifos
 from .images import CRIImages
@@ -69,13 +70,14 @@ def container_name(config: ContainerConfig, pod: Sandbox) -> str:
 
 class ContainerManager:
     def __init__(self, config: CRIConfig, store: CRIStore, images: CRIImages, snapshots: Any,
-                 tasks: TaskManager, sandbox_files: Any) -> None:
+                 tasks: TaskManager, sandbox_files: Any, feed: EventFeed) -> None:
         self.config = config
         self.store = store
         self.images = images
         self.snapshots = snapshots
         self.tasks = tasks
         self.sandbox_files = sandbox_files  # id -> folder of the pod's shared files
+        self.feed = feed
         self._logs: dict[str, LogCopier] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -122,6 +124,7 @@ class ContainerManager:
                             snapshot_key=id_, labels=dict(config.labels))
             await self.store.add_container(container, record)
             undo.pop_all()
+        self.feed.publish(id_, sandbox.id, EventKind.CREATED)
         log.info("container created", container=id_, sandbox=sandbox.id, name=config.name)
         return id_
 
@@ -180,6 +183,7 @@ class ContainerManager:
             container.status.pid = pid
             container.status.started_at = started_at
             await self.store.save(container)
+        self.feed.publish(container.id, container.sandbox_id, EventKind.STARTED)
         log.info("container started", container=container.id, pid=pid)
 
     # -- exits ----------------------------------------------------------------------------
@@ -209,6 +213,7 @@ class ContainerManager:
             task = asyncio.create_task(self._finish_log(container.id, copier))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
+        self.feed.publish(container.id, container.sandbox_id, EventKind.STOPPED)
         log.info("container exited", container=container.id, exit_code=exit_.status)
 
     async def _finish_log(self, id_: str, copier: LogCopier) -> None:
@@ -279,6 +284,7 @@ class ContainerManager:
             await remove_snapshot(self.snapshots, self.config.snapshotter, container.id)
             await self._remove_fifos(container.id)
             await self.store.remove(container)
+        self.feed.publish(container.id, container.sandbox_id, EventKind.DELETED)
         log.info("container removed", container=container.id)
 
     async def remove_all(self, sandbox_id: str) -> None:

@@ -10,6 +10,7 @@ from ..unpack import Unpacker
 from .cni import CNI, CNIOptions
 from .config import CRIConfig
 from .containers import ContainerManager
+from .events import EventFeed
 from .images import CRIImages
 from .runtime import CRIRuntime
 from .sandboxes import SandboxManager
@@ -50,8 +51,10 @@ async def init(ctx: InitContext) -> CRI:
     await network.load()
     store = CRIStore(ContainerStore(ctx.get(METADATA).db))
     tasks = ctx.get(RUNTIME, "task")
-    sandboxes = SandboxManager(config, store, images, snapshots, tasks, network)
-    containers = ContainerManager(config, store, images, snapshots, tasks, sandboxes.files)
-    runtime = CRIRuntime(sandboxes, containers, ctx.get(EVENT))
+    feed = EventFeed()
+    sandboxes = SandboxManager(config, store, images, snapshots, tasks, network, feed)
+    containers = ContainerManager(config, store, images, snapshots, tasks, sandboxes.files,
+                                  feed)
+    runtime = CRIRuntime(sandboxes, containers, ctx.get(EVENT), feed)
     await runtime.start()
     return CRI(config, images, runtime, network)

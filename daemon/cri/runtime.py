@@ -21,6 +21,7 @@ from ..runtime.task import Exit
 from . import stats
 from .config import NAMESPACE
 from .containers import ContainerManager
+from .events import EventFeed
 from .records import Container, ContainerConfig, Sandbox, SandboxConfig, SandboxState
 from .sandboxes import SandboxManager
 from .stats import PodUsage
@@ -33,10 +34,11 @@ _FILTERS = [f'namespace=="{NAMESPACE}",topic=="/tasks/exit"',
 
 class CRIRuntime:
     def __init__(self, sandboxes: SandboxManager, containers: ContainerManager,
-                 events: Exchange) -> None:
+                 events: Exchange, feed: EventFeed) -> None:
         self.sandboxes = sandboxes
         self.containers = containers
         self.events = events
+        self.feed = feed
         self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -32,6 +32,7 @@ from ..runtime.task import IO
 from . import cni, netns, specs
 from .cleanup import delete_task, remove_snapshot
 from .config import NAMESPACE, CRIConfig
+from .events import EventFeed, EventKind
 from .images import CRIImages, ImageInfo
 from .mounts import to_proto
 from .records import NamespaceMode, Sandbox, SandboxConfig, SandboxState
@@ -66,13 +67,15 @@ def _validate(config: SandboxConfig) -> None:
 
 class SandboxManager:
     def __init__(self, config: CRIConfig, store: CRIStore, images: CRIImages,
-                 snapshots: Any, tasks: TaskManager, network: cni.CNI) -> None:
+                 snapshots: Any, tasks: TaskManager, network: cni.CNI,
+                 feed: EventFeed) -> None:
         self.config = config
         self.store = store
         self.images = images
         self.snapshots = snapshots
         self.tasks = tasks
         self.network = network
+        self.feed = feed
 
     def files(self, id_: str) -> Path:
         """The folder of a pod's hostname, hosts and resolv.conf files."""
@@ -115,6 +118,8 @@ class SandboxManager:
             sandbox.state = SandboxState.READY
             await self.store.save(sandbox)
             undo.pop_all()
+        self.feed.publish(id_, id_, EventKind.CREATED)
+        self.feed.publish(id_, id_, EventKind.STARTED)
         bound.info("sandbox running", ip=sandbox.ip, pid=sandbox.pid)
         return id_
 
@@ -153,6 +158,7 @@ class SandboxManager:
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
                 await self.store.save(sandbox)
+                self.feed.publish(sandbox.id, sandbox.id, EventKind.STOPPED)
         log.info("sandbox stopped", sandbox=sandbox.id)
 
     async def remove(self, id_: str, remove_containers: Any) -> None:
@@ -169,6 +175,7 @@ class SandboxManager:
             await remove_snapshot(self.snapshots, self.config.snapshotter, sandbox.id)
             await asyncio.to_thread(shutil.rmtree, self.files(sandbox.id), True)
             await self.store.remove(sandbox)
+        self.feed.publish(sandbox.id, sandbox.id, EventKind.DELETED)
         log.info("sandbox removed", sandbox=sandbox.id)
 
     async def _kill(self, sandbox: Sandbox) -> None:
@@ -204,6 +211,7 @@ class SandboxManager:
             sandbox.state = SandboxState.NOTREADY
             await self.store.save(sandbox)
             await delete_task(self.tasks, id_)
+            self.feed.publish(id_, id_, EventKind.STOPPED)
         log.info("sandbox exited", sandbox=id_)
 
     async def recover(self) -> None:

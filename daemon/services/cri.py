@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 from ctrd import __version__
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
@@ -156,6 +156,24 @@ class RuntimeService:
             if container.id in usage.containers:
                 linux.containers.append(_stats(container, usage.containers[container.id]))
         return stats
+
+    async def GetContainerEvents(self, request: pb.GetEventsRequest,
+                                 context) -> AsyncIterator[pb.ContainerEventResponse]:
+        async for event in self.runtime.feed.subscribe():
+            response = pb.ContainerEventResponse(
+                container_id=event.id, container_event_type=int(event.kind),
+                created_at=event.created_at)
+            # The pod as it is now, with its containers: kubelet needs no extra call.
+            try:
+                sandbox = self.runtime.pod(event.sandbox_id)
+            except NotFound:
+                yield response
+                continue
+            response.pod_sandbox_status.CopyFrom(_sandbox_status(sandbox))
+            response.containers_statuses.extend(
+                _container_status(c) for c in self.runtime.list_containers()
+                if c.sandbox_id == sandbox.id)
+            yield response
 
     # -- containers -----------------------------------------------------------------------
 

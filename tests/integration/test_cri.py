@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -553,3 +554,41 @@ def test_pod_stats(cri: CRI) -> None:
     finally:
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+
+
+def test_container_events_stream(cri: CRI) -> None:
+    stream = cri.runtime.GetContainerEvents(pb.GetEventsRequest())
+    seen: list[tuple[str, int, int]] = []
+
+    def read() -> None:
+        try:
+            for event in stream:
+                seen.append((event.container_id, event.container_event_type,
+                             len(event.containers_statuses)))
+        except grpc.RpcError:
+            pass  # cancelled below
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        time.sleep(0.2)  # the subscription is in place before anything happens
+        pod, config = cri.run_pod("events")
+        c = cri.container(pod, config, "short", "true")
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
+        cri.wait_exited(c)
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=c), timeout=60)
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 8:
+            time.sleep(0.05)
+    finally:
+        stream.cancel()
+        reader.join(10)
+    created, started, stopped, deleted = (pb.CONTAINER_CREATED_EVENT, pb.CONTAINER_STARTED_EVENT,
+                                          pb.CONTAINER_STOPPED_EVENT, pb.CONTAINER_DELETED_EVENT)
+    assert [(i, kind) for i, kind, _ in seen] == [
+        (pod, created), (pod, started), (c, created), (c, started), (c, stopped),
+        (c, deleted), (pod, stopped), (pod, deleted)]
+    # While the pod exists its status and its containers' come along.
+    assert seen[2][2] == 1 and seen[-1][2] == 0
