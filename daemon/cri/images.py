@@ -36,7 +36,7 @@ log = structlog.get_logger()
 
 # containerd marks the names it creates for CRI with this label.
 MANAGED_LABEL = "io.cri-containerd.image"
-_ID = re.compile(r"^(sha256:)?[a-f0-9]{64}$")
+_HEX_PREFIX = re.compile(r"^sha256:[a-f0-9]{1,64}$")
 
 
 @dataclass
@@ -109,27 +109,26 @@ class CRIImages:
                 info.repo_digests.append(image.name)
             else:
                 info.repo_tags.append(image.name)
-                # A tag's record also tells the repository's digest name.
-                ref = reference.parse(image.name)
-                digested = f"{ref.name}@{image.target.digest}"
-                if digested not in info.repo_digests:
-                    info.repo_digests.append(digested)
         return sorted(by_id.values(), key=lambda i: i.id)
 
     async def get(self, ref_or_id: str) -> ImageInfo:
-        """The image a reference, a digest reference, an image ID or its hex names."""
+        """The image a reference or digest reference names, else the one whose ID (with or
+        without ``sha256:``) starts with ``ref_or_id``, as containerd resolves them."""
         if not ref_or_id:
             raise InvalidArgument("image reference is required")
-        wanted = _image_id(ref_or_id)
-        name = ""
-        if wanted is None:
-            try:
-                name = str(reference.parse_normalized(ref_or_id))
-            except CtrdError:
-                raise InvalidArgument(f"invalid image reference {ref_or_id!r}") from None
-        for info in await self.list():
-            if info.id == wanted or name in info.names:
+        images = await self.list()
+        try:
+            name = str(reference.parse_normalized(ref_or_id))
+        except CtrdError:
+            name = ""  # not a reference: it may still be an ID
+        for info in images:
+            if name in info.names:
                 return info
+        prefix = ref_or_id if ref_or_id.startswith("sha256:") else f"sha256:{ref_or_id}"
+        if _HEX_PREFIX.match(prefix):
+            found = [info for info in images if info.id.startswith(prefix)]
+            if len(found) == 1:
+                return found[0]
         raise NotFound(f"image {ref_or_id!r} not found")
 
     async def pull(self, ref_text: str, credentials: Credentials | None = None) -> str:
@@ -181,12 +180,6 @@ class CRIImages:
     async def fs_usage(self) -> tuple[str, int, int]:
         """Mount point of the snapshotter's folder, bytes and inodes used under it."""
         return await asyncio.to_thread(_usage, self.snapshot_root)
-
-
-def _image_id(text: str) -> str | None:
-    if _ID.match(text):
-        return text if text.startswith("sha256:") else f"sha256:{text}"
-    return None
 
 
 def _info(resolved: _Resolved) -> ImageInfo:

@@ -155,6 +155,8 @@ class SandboxManager:
             if sandbox.netns_path:
                 await self._teardown_network(sandbox)
                 await netns.remove(sandbox.netns_path)
+            # The address went back to the pool with the network: no longer the pod's.
+            sandbox.ip, sandbox.additional_ips = "", []
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
                 await self.store.save(sandbox)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 from ctrd import __version__
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
-from ctrd.errors import InvalidArgument, NotFound
+from ctrd.errors import InvalidArgument, NotFound, Unimplemented
 
 from ..cri.images import ImageInfo
 from ..cri.plugin import CRI
@@ -192,9 +192,8 @@ class RuntimeService:
 
     async def StopContainer(self, request: pb.StopContainerRequest,
                             context) -> pb.StopContainerResponse:
-        if request.timeout < 0:
-            raise InvalidArgument(f"negative timeout {request.timeout}")
-        await self.runtime.containers.stop(request.container_id, float(request.timeout))
+        # A negative grace period means none, as containerd takes it.
+        await self.runtime.containers.stop(request.container_id, max(request.timeout, 0))
         return pb.StopContainerResponse()
 
     async def RemoveContainer(self, request: pb.RemoveContainerRequest,
@@ -227,6 +226,21 @@ class RuntimeService:
         await self.runtime.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
+    # The streaming calls need a streaming server ctrd does not have yet; an unknown
+    # container or pod is still NotFound first, as containerd answers.
+    async def Exec(self, request: pb.ExecRequest, context) -> pb.ExecResponse:
+        self.runtime.container(request.container_id)
+        raise Unimplemented("interactive exec streaming is not supported; use ExecSync")
+
+    async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
+        self.runtime.container(request.container_id)
+        raise Unimplemented("attach streaming is not supported")
+
+    async def PortForward(self, request: pb.PortForwardRequest,
+                          context) -> pb.PortForwardResponse:
+        self.runtime.pod(request.pod_sandbox_id)
+        raise Unimplemented("port forwarding is not supported")
+
     async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
                                        context) -> pb.UpdateContainerResourcesResponse:
         if not request.HasField("linux"):
@@ -254,10 +268,9 @@ class RuntimeService:
     async def ExecSync(self, request: pb.ExecSyncRequest, context) -> pb.ExecSyncResponse:
         if not request.cmd:
             raise InvalidArgument("cmd must not be empty")
-        if request.timeout < 0:
-            raise InvalidArgument(f"negative timeout {request.timeout}")
+        # Zero or negative: no deadline, as containerd takes it.
         stdout, stderr, code = await self.runtime.containers.exec_sync(
-            request.container_id, list(request.cmd), float(request.timeout))
+            request.container_id, list(request.cmd), max(request.timeout, 0))
         return pb.ExecSyncResponse(stdout=stdout, stderr=stderr, exit_code=code)
 
 
@@ -376,6 +389,15 @@ def _resources(res: pb.LinuxContainerResources) -> Resources:
                      cpuset_mems=res.cpuset_mems)
 
 
+def _resources_pb(res: Resources) -> pb.LinuxContainerResources:
+    # containerd reports the swap limit equal to the memory limit (no swap beyond it).
+    return pb.LinuxContainerResources(
+        cpu_period=res.cpu_period, cpu_quota=res.cpu_quota, cpu_shares=res.cpu_shares,
+        memory_limit_in_bytes=res.memory_limit, oom_score_adj=res.oom_score_adj,
+        cpuset_cpus=res.cpuset_cpus, cpuset_mems=res.cpuset_mems,
+        memory_swap_limit_in_bytes=res.memory_limit)
+
+
 def _credentials(auth: pb.AuthConfig) -> Credentials | None:
     if auth.identity_token:
         return Credentials("", auth.identity_token)
@@ -442,7 +464,8 @@ def _container_status(container: Container) -> pb.ContainerStatus:
         labels=c.labels, annotations=c.annotations,
         mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path,
                          readonly=m.readonly, propagation=m.propagation) for m in c.mounts],
-        log_path=container.log_path, image_id=container.image_id)
+        log_path=container.log_path, image_id=container.image_id,
+        resources=pb.ContainerResources(linux=_resources_pb(c.resources)))
 
 
 def _stats(container: Container, usage: Usage | None) -> pb.ContainerStats:

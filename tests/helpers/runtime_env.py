@@ -8,6 +8,7 @@ test's own daemon started.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -217,3 +218,17 @@ def rootfs_dir() -> Iterator[Path]:
         yield make_rootfs(parent)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def delete_runc_under(folder: Path, namespace: str) -> None:
+    """Last resort: ``runc delete --force`` every container of ``namespace`` whose bundle
+    lies under ``folder`` (a daemon that died or lost track of them left them)."""
+    root = RUNC_ROOT / namespace
+    if not root.exists():
+        return
+    listed = subprocess.run(["runc", "--root", str(root), "list", "--format", "json"],
+                            capture_output=True, text=True, check=False)
+    for entry in json.loads(listed.stdout or "null") or []:
+        if entry.get("bundle", "").startswith(str(folder)):
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", entry["id"]],
+                           capture_output=True, check=False)
