@@ -2,7 +2,8 @@
 
 Both are driven the same way: the real `ctr` (or a gRPC client from ctrd.api) on
 the daemon's socket, in a namespace of the benchmark's own so that nothing it makes
-can collide with other users of the machine's runc and cgroups.
+can collide with other users of the machine's runc and cgroups. Both serve CRI too,
+configured alike: the bench's pause image, and a CNI network of the daemon's own.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import structlog
+
+from .cri import CNI_BIN_DIR, PAUSE_IMAGE, PodNetwork
 
 NAMESPACE = "ctrd-bench"
 VENV_BIN = Path(sys.executable).parent
@@ -41,6 +44,8 @@ class Daemon:
     proc: subprocess.Popen | None = None
     # Runs the daemon under a profiler: replaces the executable, keeps the arguments.
     wrapper: list[str] = field(default_factory=list)
+    # Its CRI pods' network; chosen at the first start, kept over a restart.
+    network: PodNetwork | None = None
 
     @property
     def address(self) -> str:
@@ -66,6 +71,9 @@ class Daemon:
 
     def start(self, timeout: float = 30.0) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        if self.network is None:
+            self.network = PodNetwork.for_daemon(self.base / "cri", even=self.name == "ctrd")
+        self.network.write()
         with open(self.log_path, "ab") as out:
             argv = self.command()
             if self.wrapper:
@@ -83,15 +91,24 @@ class Daemon:
         raise RuntimeError(f"{self.name} did not come up in {timeout}s:\n{self.log()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("daemon ignored SIGTERM, killing", daemon=self.name, pid=self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("daemon ignored SIGTERM, killing", daemon=self.name,
+                            pid=self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+        if self.network is not None:
+            self.network.remove()
+
+    def config_path(self) -> Path:
+        return self.base / "config.toml"
+
+    def cri_network(self) -> PodNetwork:
+        assert self.network is not None, "the network is chosen when the daemon starts"
+        return self.network
 
     def log(self) -> str:
         try:
@@ -99,12 +116,12 @@ class Daemon:
         except OSError:
             return ""
 
-    def ctr_cmd(self, *args: str) -> list[str]:
-        return ["ctr", "--address", self.address, "--namespace", NAMESPACE, *args]
+    def ctr_cmd(self, *args: str, namespace: str = NAMESPACE) -> list[str]:
+        return ["ctr", "--address", self.address, "--namespace", namespace, *args]
 
     def ctr(self, *args: str, check: bool = True, stdin=None, stdout=subprocess.PIPE,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-        cmd = self.ctr_cmd(*args)
+            timeout: float = 600, namespace: str = NAMESPACE) -> subprocess.CompletedProcess:
+        cmd = self.ctr_cmd(*args, namespace=namespace)
         result = subprocess.run(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
                                 env=self.env(), timeout=timeout)
         if check and result.returncode != 0:
@@ -150,32 +167,58 @@ class Ctrd(Daemon):
     name = "ctrd"
 
     def command(self) -> list[str]:
-        return [str(VENV_BIN / "ctrd"), "--root", str(self.base / "root"),
-                "--state", str(self.base / "state"), "--address", self.address,
-                "--log-level", "warn"]
+        network = self.cri_network()
+        self.config_path().write_text(f"""\
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  netns_dir = "{network.netns_dir}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{network.conf_dir}"
+    cache_dir = "{network.cache_dir}"
+""")
+        return [str(VENV_BIN / "ctrd"), "--config", str(self.config_path()),
+                "--root", str(self.base / "root"), "--state", str(self.base / "state"),
+                "--address", self.address, "--log-level", "warn"]
 
 
 @dataclass
 class Containerd(Daemon):
-    """Debian's containerd, lean: no CRI, nothing written outside its temporary base."""
+    """Debian's containerd, written to nothing outside its temporary base but libcni's
+    cache (/var/lib/cni/results, which containerd 1.6 has no setting for)."""
 
     name = "containerd"
 
     def command(self) -> list[str]:
-        config = self.base / "config.toml"
-        config.write_text(f"""\
+        network = self.cri_network()
+        # CRI's network namespaces go under its state folder rather than /var/run/netns.
+        # AppArmor off, as ctrd has none: on a host with it enabled, containerd would
+        # load its default profile into the kernel and confine the pods with it.
+        # containerd gives the pause process an oom_score_adj of -998, which a root
+        # without CAP_SYS_RESOURCE (the bench's machine runs without it) may not set:
+        # runc then fails every pod. Restricted, the score is clamped to containerd's
+        # own; ctrd sets none, so its pause process keeps its shim's.
+        self.config_path().write_text(f"""\
 version = 2
 root = "{self.base / 'root'}"
 state = "{self.base / 'state'}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [grpc]
   address = "{self.address}"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.base / 'opt'}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  netns_mounts_under_state_dir = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{network.conf_dir}"
 """)
-        return ["containerd", "--config", str(config), "--log-level", "warn"]
+        return ["containerd", "--config", str(self.config_path()), "--log-level", "warn"]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The images both daemons are measured with, built by ctrd.oci and never stored in the repo.
 
-Two images: the busybox one every lifecycle workload runs, and a large multi-layer
-Debian image (a debootstrapped minbase rootfs split into several layers) for import
-and pull. The Debian archive costs minutes to build, so it is cached under
+Three images: the busybox one every lifecycle workload runs, a pause-like busybox
+for CRI's sandboxes, and a large multi-layer Debian image (a debootstrapped minbase
+rootfs split into several layers) for import and pull. The Debian archive costs minutes to build, so it is cached under
 /var/tmp/ctrd-bench-cache and reused until CACHE_VERSION changes.
 """
 from __future__ import annotations
@@ -49,6 +49,15 @@ class BenchImage:
 def busybox_image(workdir: Path, name: str = "bench.local/busybox:latest") -> BenchImage:
     image = busybox.busybox_image()
     archive = workdir / "busybox.oci.tar"
+    writer.write_oci_archive(archive, {name: image})
+    return BenchImage(name, archive, image)
+
+
+def pause_image(workdir: Path, name: str) -> BenchImage:
+    """CRI's sandbox image, made locally: busybox whose command sleeps for good, the part
+    Kubernetes' pause image plays, so that no registry is needed."""
+    image = busybox.busybox_image(config=writer.ImageConfig(cmd=["sleep", "1000000"]))
+    archive = workdir / "pause.oci.tar"
     writer.write_oci_archive(archive, {name: image})
     return BenchImage(name, archive, image)
 

@@ -26,6 +26,7 @@ from ctrd.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from ctrd.api.containerd.types import descriptor_pb2
 
 from . import images
+from .cri import CNI_BIN_DIR, CRI_NAMESPACE, PAUSE_IMAGE, CriClient, netns_mounts
 from .daemons import NAMESPACE, CommandFailed, Daemon
 from .floor import RuncBundle
 from .registry import Registry
@@ -67,7 +68,7 @@ class Bench:
     settings: Settings
     workdir: Path
     _images: dict[str, images.BenchImage] = field(default_factory=dict)
-    _imported: set[tuple[str, str]] = field(default_factory=set)
+    _imported: set[tuple[str, str, str]] = field(default_factory=set)
     _counter: itertools.count = field(default_factory=itertools.count)
     registry: Registry | None = None
 
@@ -81,6 +82,12 @@ class Bench:
         return self._images["busybox"]
 
     @property
+    def pause(self) -> images.BenchImage:
+        if "pause" not in self._images:
+            self._images["pause"] = images.pause_image(self.workdir, PAUSE_IMAGE)
+        return self._images["pause"]
+
+    @property
     def large(self) -> images.BenchImage:
         """The image import and pull move: Debian in full runs, busybox in smoke runs."""
         if not self.settings.large_image:
@@ -89,13 +96,14 @@ class Bench:
             self._images["debian"] = images.debian_image(self.workdir)
         return self._images["debian"]
 
-    def ensure_imported(self, daemon: Daemon, image: images.BenchImage) -> None:
-        if (daemon.name, image.name) not in self._imported:
-            daemon.ctr("images", "import", str(image.archive))
-            self._imported.add((daemon.name, image.name))
+    def ensure_imported(self, daemon: Daemon, image: images.BenchImage,
+                        namespace: str = NAMESPACE) -> None:
+        if (daemon.name, namespace, image.name) not in self._imported:
+            daemon.ctr("images", "import", str(image.archive), namespace=namespace)
+            self._imported.add((daemon.name, namespace, image.name))
 
     def forget_imported(self, daemon: Daemon, image: images.BenchImage) -> None:
-        self._imported.discard((daemon.name, image.name))
+        self._imported.discard((daemon.name, NAMESPACE, image.name))
 
     def pushed(self, image: images.BenchImage) -> str:
         """The image's reference in the local registry, started and filled on first use."""
@@ -130,16 +138,18 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def sweep(daemon: Daemon) -> None:
-    """Delete every task and container of the bench namespace; failures are ignored."""
+def sweep(daemon: Daemon, namespace: str = NAMESPACE) -> None:
+    """Delete every task and container of a namespace (the bench's); failures are ignored."""
     for kind, remove in (("tasks", ("tasks", "delete", "--force")),
                          ("containers", ("containers", "delete"))):
-        listed = daemon.ctr(kind, "list", "--quiet", check=False, timeout=60)
+        listed = daemon.ctr(kind, "list", "--quiet", check=False, timeout=60,
+                            namespace=namespace)
         if listed.returncode != 0:
             continue
         ids = listed.stdout.decode().split()
         for start in range(0, len(ids), 100):
-            daemon.ctr(*remove, *ids[start:start + 100], check=False, timeout=120)
+            daemon.ctr(*remove, *ids[start:start + 100], check=False, timeout=120,
+                       namespace=namespace)
 
 
 def chain_ids(image: images.BenchImage) -> list[str]:
@@ -467,9 +477,113 @@ class _channel:
 
 
 class CriPodStart(Workload):
+    """A pod as kubelet starts one over CRI v1: the sandbox (pause process, network
+    namespace, CNI bridge network), then one container in it, created and started;
+    and the pod's teardown, stop then remove. The client is a gRPC stub, the same for
+    both daemons."""
+
     name = "cri"
-    metrics = (Metric("cri.pod", "CRI pod start", "s"),)
-    skip_reason = "not measured yet: no CRI in ctrd, and containerd's is disabled here"
+    metrics = (
+        Metric("cri.start", "CRI pod start (RunPodSandbox + CreateContainer + StartContainer)",
+               "s"),
+        Metric("cri.sandbox", "  of which RunPodSandbox", "s"),
+        Metric("cri.teardown", "CRI pod teardown (StopPodSandbox + RemovePodSandbox)", "s"),
+    )
+
+    def __init__(self) -> None:
+        self.clients: dict[str, CriClient] = {}  # daemon name -> its client
+        self.pods: dict[str, list[str]] = {}  # daemon name -> ids of the pods it ran
+        if not (CNI_BIN_DIR / "bridge").exists():
+            self.skip_reason = f"no CNI plugins in {CNI_BIN_DIR} (containernetworking-plugins)"
+
+    def setup(self, bench: Bench, daemon: Daemon) -> None:
+        for image in (bench.pause, bench.busybox):
+            bench.ensure_imported(daemon, image, namespace=CRI_NAMESPACE)
+        client = CriClient(daemon.address)
+        self.clients[daemon.name] = client
+        client.wait_ready([PAUSE_IMAGE, bench.busybox.name])
+        # One pod unmeasured: it probes that the daemon can run pods at all, and pays
+        # the one-off costs (the bridge's creation, the first snapshot of each image).
+        self._pod(bench, daemon, client)
+
+    def run(self, bench: Bench, daemon: Daemon, rep: int) -> dict[str, float]:
+        client = self.clients[daemon.name]
+        samples = [self._pod(bench, daemon, client) for _ in range(bench.settings.iterations)]
+        return {key: statistics.median(sample[key] for sample in samples)
+                for key in samples[0]}
+
+    def _pod(self, bench: Bench, daemon: Daemon, client: CriClient) -> dict[str, float]:
+        name = bench.unique(daemon, "pod")
+        # kubelet makes the pod's log folder before asking for the pod.
+        logs = bench.workdir / "cri-logs" / name
+        logs.mkdir(parents=True)
+        config = client.pod_config(name, logs, self._cgroup_parent(daemon))
+        start = time.perf_counter()
+        pod = client.run_pod(config)
+        sandbox = time.perf_counter() - start
+        self.pods.setdefault(daemon.name, []).append(pod)
+        container = client.start_container(pod, config, bench.busybox.name, ["sleep", "1000"])
+        started = time.perf_counter() - start
+        if not client.is_running(container):
+            raise RuntimeError(f"container {container} of pod {name} is not running")
+        teardown = timed(client.remove_pod, pod)
+        return {"cri.start": started, "cri.sandbox": sandbox, "cri.teardown": teardown}
+
+    @staticmethod
+    def _cgroup_parent(daemon: Daemon) -> str:
+        # Under the bench's own cgroup, which the bench's final cleanup also removes.
+        return f"/{NAMESPACE}/cri-{daemon.name}"
+
+    def teardown(self, bench: Bench, daemon: Daemon) -> None:
+        client = self.clients.pop(daemon.name, None)
+        if client is not None:
+            try:
+                left = client.remove_all()
+                if left:
+                    log.warning("pods left by the workload, removed", daemon=daemon.name,
+                                pods=left)
+            except grpc.RpcError as exc:
+                log.warning("could not remove pods over CRI", daemon=daemon.name,
+                            error=exc.code().name)  # type: ignore[attr-defined]
+            finally:
+                client.close()
+        # Whatever CRI could not remove goes through containerd's API.
+        sweep(daemon, CRI_NAMESPACE)
+        if daemon.network is not None:
+            daemon.network.remove(self.pods.pop(daemon.name, []))
+        for hierarchy in _cgroup_hierarchies():
+            _remove_cgroup_tree(hierarchy / self._cgroup_parent(daemon).lstrip("/"))
+            # Where a pod without a cgroup parent would have gone; shared with other
+            # users of k8s.io, so only the folder itself, and only when empty.
+            _rmdir(hierarchy / CRI_NAMESPACE)
+        _rmdir(Path("/run/containerd/runc") / CRI_NAMESPACE)
+        if mounts := netns_mounts(daemon.base):
+            log.warning("network namespaces still mounted", daemon=daemon.name, mounts=mounts)
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    # cgroup v2 has one hierarchy, at the root; v1 one per controller folder (and
+    # "unified" beside them on a hybrid host).
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        return [root]
+    return [p for p in root.iterdir() if p.is_dir()]
+
+
+def _remove_cgroup_tree(top: Path) -> None:
+    """Remove a cgroup of the bench's and its descendants; rmdir refuses busy ones."""
+    if not top.is_dir():
+        return
+    for child in sorted((c for c in top.rglob("*") if c.is_dir()), reverse=True):
+        _rmdir(child)
+    _rmdir(top)
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def all_workloads(settings: Settings) -> list[Workload]:
