@@ -27,7 +27,15 @@ class CRIConfig:
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     cni_cache_dir: Path = Path("/var/lib/cni")
     max_log_line: int = 16 * 1024
-    stop_timeout: float = 10.0  # grace period of a StopPodSandbox's containers
+    # Never give a process a lower oom_score_adj than the daemon's own (containerd's
+    # option, for hosts where lowering it is not allowed).
+    restrict_oom_score_adj: bool = False
+
+    def oom_floor(self) -> int | None:
+        if not self.restrict_oom_score_adj:
+            return None
+        with open("/proc/self/oom_score_adj") as f:
+            return int(f.read())
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], root: Path, state: Path) -> CRIConfig:
@@ -44,4 +52,5 @@ class CRIConfig:
             cni_conf_dir=Path(cni.get("conf_dir", "/etc/cni/net.d")),
             cni_cache_dir=Path(cni.get("cache_dir", "/var/lib/cni")),
             max_log_line=int(options.get("max_container_log_line_size", 16 * 1024)),
+            restrict_oom_score_adj=bool(options.get("restrict_oom_score_adj", False)),
         )

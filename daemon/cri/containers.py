@@ -134,7 +134,7 @@ class ContainerManager:
         # The image's /etc/passwd and /etc/group name its users: mount it to read them.
         with temp_mount(mounts, str(self.config.state / "tmpmounts"), readonly=True) as root:
             return specs.container_spec(id_, config, sandbox, image_config, image_name,
-                                        Path(root), files, NAMESPACE)
+                                        Path(root), files, NAMESPACE, self.config.oom_floor())
 
     # -- start ----------------------------------------------------------------------------
 
@@ -307,7 +307,7 @@ class ContainerManager:
             record = await self.store.records.get(NAMESPACE, container.id)
             assert record.spec is not None
             spec = json.loads(record.spec.value)
-            specs.with_resources(spec, resources)
+            specs.with_resources(spec, resources, self.config.oom_floor())
             if container.status.state == ContainerState.RUNNING:
                 task = self.tasks.get(NAMESPACE, container.id)
                 value = json.dumps(spec["linux"]["resources"]).encode()

@@ -28,6 +28,7 @@ IMAGE_NAME = "io.kubernetes.cri.image-name"
 POD_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 _PROPAGATION = {0: "rprivate", 1: "rslave", 2: "rshared"}
 _CAP_PREFIX = "CAP_"
+SANDBOX_OOM_SCORE_ADJ = -998
 
 
 def cgroup_path(parent: str, id_: str, namespace: str) -> str:
@@ -35,10 +36,13 @@ def cgroup_path(parent: str, id_: str, namespace: str) -> str:
 
 
 def sandbox_spec(sandbox: Sandbox, image_config: dict[str, Any], files: Path,
-                 namespace: str) -> dict[str, Any]:
+                 namespace: str, oom_floor: int | None = None) -> dict[str, Any]:
+    """``oom_floor``: the lowest oom_score_adj allowed (restrict_oom_score_adj), if any."""
     config = sandbox.config
     spec = oci.default_spec(namespace, sandbox.id)
     oci.with_image_config(spec, image_config)
+    # The pause process is the last thing the OOM killer should pick, as in containerd.
+    spec["process"]["oomScoreAdj"] = _restrict(SANDBOX_OOM_SCORE_ADJ, oom_floor)
     spec["hostname"] = config.hostname
     _namespaces(spec, config.network, sandbox.netns_path, config.ipc, config.pid)
     spec["linux"]["cgroupsPath"] = cgroup_path(config.cgroup_parent, sandbox.id, namespace)
@@ -58,7 +62,7 @@ def sandbox_spec(sandbox: Sandbox, image_config: dict[str, Any], files: Path,
 
 def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
                    image_config: dict[str, Any], image_name: str, rootfs: Path | None,
-                   files: Path, namespace: str) -> dict[str, Any]:
+                   files: Path, namespace: str, oom_floor: int | None = None) -> dict[str, Any]:
     spec = oci.default_spec(namespace, id_)
     # CRI's command replaces the image's Entrypoint (and then its Cmd goes too); its args
     # replace Cmd.
@@ -84,7 +88,7 @@ def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
     _join_pod(spec, sandbox, config.pid)
     spec["hostname"] = pod.hostname
     spec["linux"]["cgroupsPath"] = cgroup_path(pod.cgroup_parent, id_, namespace)
-    with_resources(spec, config.resources)
+    with_resources(spec, config.resources, oom_floor)
     _pod_files(spec, files, pod, taken={m.container_path for m in config.mounts})
     for mount in config.mounts:
         spec["mounts"].append(_bind(mount))
@@ -211,7 +215,7 @@ def _cap(name: str) -> str:
     return upper if upper.startswith(_CAP_PREFIX) else _CAP_PREFIX + upper
 
 
-def with_resources(spec: dict[str, Any], res: Resources) -> None:
+def with_resources(spec: dict[str, Any], res: Resources, oom_floor: int | None = None) -> None:
     """Set the CPU and memory limits of ``res`` that are given (non-zero)."""
     linux = spec["linux"]["resources"]
     cpu: dict[str, Any] = {}
@@ -234,7 +238,12 @@ def with_resources(spec: dict[str, Any], res: Resources) -> None:
     if res.oom_score_adj:
         if not -1000 <= res.oom_score_adj <= 1000:
             raise InvalidArgument(f"oom_score_adj {res.oom_score_adj} is outside -1000..1000")
-        spec["process"]["oomScoreAdj"] = res.oom_score_adj
+        spec["process"]["oomScoreAdj"] = _restrict(res.oom_score_adj, oom_floor)
+
+
+def _restrict(score: int, floor: int | None) -> int:
+    # Lowering a score below one's own needs CAP_SYS_RESOURCE, which some hosts withhold.
+    return score if floor is None else max(score, floor)
 
 
 def _privileged(spec: dict[str, Any]) -> None:

@@ -120,6 +120,8 @@ plain_http = [{plain_http}]
 [plugins."io.containerd.grpc.v1.cri"]
 sandbox_image = "{PAUSE}"
 netns_dir = "{base / 'netns'}"
+# Root here lacks CAP_SYS_RESOURCE: the pause process's -998 is refused without it.
+restrict_oom_score_adj = true
 [plugins."io.containerd.grpc.v1.cri".cni]
 conf_dir = "{base / 'net.d'}"
 cache_dir = "{base / 'cni-cache'}"
@@ -291,6 +293,9 @@ def test_pod_lifecycle_with_network(cri: CRI) -> None:
     hostname = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=c, cmd=["hostname"]),
                                     timeout=30)
     assert hostname.stdout.strip() == b"web"
+    # The pause process asks for -998, restricted to the daemon's own score here.
+    own = int(Path(f"/proc/{cri.daemon.proc.pid}/oom_score_adj").read_text())
+    assert int(Path(f"/proc/{_task_pid(cri, pod)}/oom_score_adj").read_text()) == max(-998, own)
     cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
     assert cri.status(c).state == pb.CONTAINER_EXITED
     stopped = cri.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod),

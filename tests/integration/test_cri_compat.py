@@ -250,6 +250,7 @@ def _make_side(name: str, taken: set[int]) -> Side:
 [plugins."io.containerd.grpc.v1.cri"]
 sandbox_image = "{PAUSE}"
 netns_dir = "{base / 'netns'}"
+restrict_oom_score_adj = true
 [plugins."io.containerd.grpc.v1.cri".cni]
 bin_dir = "{CNI_BIN}"
 conf_dir = "{base / 'net.d'}"

@@ -142,3 +142,14 @@ def test_exec_process_replaces_args_only() -> None:
     assert exec_["env"] == process["env"] and process["terminal"] is True
     with pytest.raises(InvalidArgument):
         specs.exec_process(process, [])
+
+
+def test_oom_score_adj_is_restricted_to_a_floor() -> None:
+    assert specs.sandbox_spec(_pod(), IMAGE, FILES, "k8s.io")["process"]["oomScoreAdj"] == -998
+    assert specs.sandbox_spec(_pod(), IMAGE, FILES, "k8s.io", oom_floor=0)[
+        "process"]["oomScoreAdj"] == 0
+    config = ContainerConfig(name="a", resources=Resources(oom_score_adj=-500))
+    assert _spec(config)["process"]["oomScoreAdj"] == -500
+    restricted = specs.container_spec("c" * 64, config, _pod(), IMAGE, "busybox", None, FILES,
+                                      "k8s.io", oom_floor=100)
+    assert restricted["process"]["oomScoreAdj"] == 100
