@@ -49,7 +49,7 @@ async def init(ctx: InitContext) -> CRI:
                              bin_dirs=tuple(Path(d) for d in config.cni_bin_dirs),
                              cache_dir=config.cni_cache_dir))
     await network.load()
-    store = CRIStore(ContainerStore(ctx.get(METADATA).db))
+    store = CRIStore(ContainerStore(ctx.get(METADATA).db), ctx.get(EVENT))
     tasks = ctx.get(RUNTIME, "task")
     feed = EventFeed()
     sandboxes = SandboxManager(config, store, images, snapshots, tasks, network, feed)

@@ -12,8 +12,10 @@ from typing import TypeVar
 
 import structlog
 
+from ctrd.api.containerd.events import container_pb2 as ev
 from ctrd.errors import AlreadyExists, CtrdError, NotFound
 
+from ..events.exchange import Exchange
 from ..metadata.containers import AnyValue, ContainerStore
 from ..metadata.containers import Container as Record
 from . import records as codec
@@ -32,8 +34,11 @@ T = TypeVar("T", Sandbox, Container)
 
 
 class CRIStore:
-    def __init__(self, records: ContainerStore) -> None:
+    def __init__(self, records: ContainerStore, events: Exchange) -> None:
         self.records = records
+        # containerd's CRI makes its containers through the containers service, so they
+        # are announced as any other: ctrd's too.
+        self.events = events
         self.sandboxes: dict[str, Sandbox] = {}
         self.containers: dict[str, Container] = {}
         self._names: dict[str, str] = {}  # reserved name -> id
@@ -68,15 +73,21 @@ class CRIStore:
     async def add_sandbox(self, sandbox: Sandbox, record: Record) -> None:
         record.labels[KIND_LABEL] = "sandbox"
         record.extensions[SANDBOX_EXTENSION] = _any(sandbox)
-        await self.records.create(NAMESPACE, record)
+        await self._create(record)
         self.sandboxes[sandbox.id] = sandbox
 
     async def add_container(self, container: Container, record: Record) -> None:
         record.labels[KIND_LABEL] = "container"
         record.labels[SANDBOX_ID_LABEL] = container.sandbox_id
         record.extensions[CONTAINER_EXTENSION] = _any(container)
-        await self.records.create(NAMESPACE, record)
+        await self._create(record)
         self.containers[container.id] = container
+
+    async def _create(self, record: Record) -> None:
+        await self.records.create(NAMESPACE, record)
+        event = ev.ContainerCreate(id=record.id, image=record.image)
+        event.runtime.name = record.runtime_name
+        await self.events.publish(NAMESPACE, "/containers/create", event)
 
     async def save(self, obj: Sandbox | Container) -> None:
         """Write the current state of ``obj`` back to its record."""
@@ -87,6 +98,8 @@ class CRIStore:
     async def remove(self, obj: Sandbox | Container) -> None:
         try:
             await self.records.delete(NAMESPACE, obj.id)
+            await self.events.publish(NAMESPACE, "/containers/delete",
+                                      ev.ContainerDelete(id=obj.id))
         except NotFound:
             pass
         self.sandboxes.pop(obj.id, None)

@@ -25,6 +25,7 @@ import grpc
 import pytest
 from helpers.containerd_ref import remove_namespace_dirs
 from helpers.ctrd_proc import CtrdProcess, new_base
+from helpers.daemon_proc import CTR
 from helpers.procs import shim_pids
 from helpers.registry import Registry, start_registry
 from helpers.runtime_env import delete_runc_under
@@ -618,3 +619,23 @@ def test_container_events_stream(cri: CRI) -> None:
         (c, deleted), (pod, stopped), (pod, deleted)]
     # While the pod exists its status and its containers' come along.
     assert seen[2][2] == 1 and seen[-1][2] == 0
+
+
+def test_ctr_events_show_cri_containers(cri: CRI) -> None:
+    """CRI's containers are announced like any other: `ctr events` shows them."""
+    watcher = subprocess.Popen(
+        [CTR, "--address", cri.daemon.address, "--namespace", "k8s.io", "events"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.3)  # subscribed before the pod comes
+        pod, _ = cri.run_pod("announced")
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        time.sleep(0.3)
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=10)
+    lines = [line for line in out.splitlines() if pod in line]
+    topics = [line.split()[5] for line in lines]  # date time zone UTC namespace topic
+    assert topics[0] == "/containers/create" and topics[-1] == "/containers/delete", out
+    assert "/tasks/start" in topics
