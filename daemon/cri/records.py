@@ -84,6 +84,7 @@ class SandboxConfig:
     sysctls: dict[str, str] = field(default_factory=dict)
     privileged: bool = False
     runtime_handler: str = ""
+    seccomp: str = ""  # "", "unconfined", "runtime/default" or "localhost/<path>"
 
 
 @dataclass
@@ -112,6 +113,7 @@ class ContainerConfig:
     drop_capabilities: list[str] = field(default_factory=list)
     no_new_privs: bool = False
     pid: NamespaceMode = NamespaceMode.CONTAINER
+    seccomp: str = ""  # as SandboxConfig.seccomp
 
 
 @dataclass

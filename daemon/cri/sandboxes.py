@@ -102,8 +102,8 @@ class SandboxManager:
                                                   image.chain_id, {})
             undo.push_async_callback(remove_snapshot, self.snapshots,
                                      self.config.snapshotter, id_)
-            spec = specs.sandbox_spec(sandbox, image.config, files, NAMESPACE,
-                                      self.config.oom_floor())
+            spec = await asyncio.to_thread(specs.sandbox_spec, sandbox, image.config, files,
+                                           NAMESPACE, self.config.oom_floor())
             record = Record(id=id_, runtime_name=self.config.runtime,
                             spec=AnyValue(OCI_SPEC_TYPE, oci.dumps(spec)),
                             image=self.config.sandbox_image, snapshotter=self.config.snapshotter,

@@ -7,10 +7,11 @@ and hostname. Annotations tell the runtime which is which, with containerd's nam
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from ctrd.errors import InvalidArgument
+from ctrd.errors import InvalidArgument, NotFound
 from ctrd.oci import spec as oci
 
 from .records import ContainerConfig, Mount, NamespaceMode, Resources, Sandbox, SandboxConfig
@@ -39,8 +40,9 @@ def sandbox_spec(sandbox: Sandbox, image_config: dict[str, Any], files: Path,
                  namespace: str, oom_floor: int | None = None) -> dict[str, Any]:
     """``oom_floor``: the lowest oom_score_adj allowed (restrict_oom_score_adj), if any."""
     config = sandbox.config
-    spec = oci.default_spec(namespace, sandbox.id)
+    spec = oci.default_spec(namespace, sandbox.id, seccomp=False)
     oci.with_image_config(spec, image_config)
+    with_seccomp(spec, config.seccomp)
     # The pause process is the last thing the OOM killer should pick, as in containerd.
     spec["process"]["oomScoreAdj"] = _restrict(SANDBOX_OOM_SCORE_ADJ, oom_floor)
     spec["hostname"] = config.hostname
@@ -63,7 +65,7 @@ def sandbox_spec(sandbox: Sandbox, image_config: dict[str, Any], files: Path,
 def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
                    image_config: dict[str, Any], image_name: str, rootfs: Path | None,
                    files: Path, namespace: str, oom_floor: int | None = None) -> dict[str, Any]:
-    spec = oci.default_spec(namespace, id_)
+    spec = oci.default_spec(namespace, id_, seccomp=False)
     # CRI's command replaces the image's Entrypoint (and then its Cmd goes too); its args
     # replace Cmd.
     if config.command:
@@ -92,6 +94,8 @@ def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
     _pod_files(spec, files, pod, taken={m.container_path for m in config.mounts})
     for mount in config.mounts:
         spec["mounts"].append(_bind(mount))
+    # After the capabilities: the default profile allows the syscalls they grant.
+    with_seccomp(spec, config.seccomp)
     if config.privileged:
         _privileged(spec)
     spec["annotations"] = {
@@ -101,6 +105,34 @@ def container_spec(id_: str, config: ContainerConfig, sandbox: Sandbox,
         CONTAINER_NAME: config.name, IMAGE_NAME: image_name,
     }
     return spec
+
+
+def with_seccomp(spec: dict[str, Any], profile: str) -> None:
+    """CRI's seccomp choice. Unset means unconfined, as kubelet and containerd take it
+    (kubelet asks for runtime/default when the pod or its SeccompDefault wants it)."""
+    if profile in ("", "unconfined"):
+        spec["linux"].pop("seccomp", None)
+    elif profile in ("runtime/default", "docker/default"):
+        oci.with_default_seccomp(spec)
+    elif profile.startswith("localhost/"):
+        spec["linux"]["seccomp"] = _local_profile(profile.removeprefix("localhost/"))
+    else:
+        raise InvalidArgument(f"unknown seccomp profile {profile!r}")
+
+
+def _local_profile(path: str) -> dict[str, Any]:
+    if not path.startswith("/"):
+        raise InvalidArgument(f"seccomp profile path {path!r} must be absolute")
+    try:
+        with open(path, "rb") as f:
+            profile = json.loads(f.read(1 << 20))
+    except FileNotFoundError:
+        raise NotFound(f"seccomp profile {path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"seccomp profile {path}: {exc}") from None
+    if not isinstance(profile, dict) or "defaultAction" not in profile:
+        raise InvalidArgument(f"seccomp profile {path} has no defaultAction")
+    return profile
 
 
 def exec_process(container_process: dict[str, Any], cmd: list[str]) -> dict[str, Any]:

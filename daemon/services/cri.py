@@ -354,7 +354,9 @@ def _sandbox_config(config: pb.PodSandboxConfig, handler: str) -> SandboxConfig:
         labels=dict(config.labels), annotations=dict(config.annotations),
         network=_mode(options, "network"), pid=_mode(options, "pid"), ipc=_mode(options, "ipc"),
         cgroup_parent=linux.cgroup_parent, sysctls=dict(linux.sysctls),
-        privileged=security.privileged, runtime_handler=handler)
+        privileged=security.privileged, runtime_handler=handler,
+        seccomp=_seccomp(security.seccomp if security.HasField("seccomp") else None,
+                         security.seccomp_profile_path))
 
 
 def _container_config(config: pb.ContainerConfig) -> ContainerConfig:
@@ -379,7 +381,22 @@ def _container_config(config: pb.ContainerConfig) -> ContainerConfig:
         run_as_username=security.run_as_username, readonly_rootfs=security.readonly_rootfs,
         add_capabilities=list(security.capabilities.add_capabilities),
         drop_capabilities=list(security.capabilities.drop_capabilities),
-        no_new_privs=security.no_new_privs, pid=_mode(security.namespace_options, "pid"))
+        no_new_privs=security.no_new_privs, pid=_mode(security.namespace_options, "pid"),
+        seccomp=_seccomp(security.seccomp if security.HasField("seccomp") else None,
+                         security.seccomp_profile_path))
+
+
+def _seccomp(profile: pb.SecurityProfile | None, legacy_path: str) -> str:
+    """The seccomp choice in the string form of CRI's older seccomp_profile_path."""
+    if profile is None:
+        return legacy_path
+    if profile.profile_type == pb.SecurityProfile.RuntimeDefault:
+        return "runtime/default"
+    if profile.profile_type == pb.SecurityProfile.Unconfined:
+        return "unconfined"
+    if profile.profile_type == pb.SecurityProfile.Localhost:
+        return f"localhost/{profile.localhost_ref}"
+    raise InvalidArgument(f"unknown seccomp profile type {profile.profile_type}")
 
 
 def _resources(res: pb.LinuxContainerResources) -> Resources:

@@ -381,6 +381,15 @@ def test_exec_sync_timeout_and_exit_code(cri: CRI) -> None:
         out = cri.runtime.ExecSync(pb.ExecSyncRequest(
             container_id=c, cmd=["sh", "-c", "echo o; echo e >&2; exit 7"]), timeout=30)
         assert (out.stdout, out.stderr, out.exit_code) == (b"o\n", b"e\n", 7)
+        # No seccomp was asked for: none, as kubelet's default means under containerd.
+        assert _seccomp_mode(cri, c) == b"0"
+        confined = cri.container(pod, config, "confined", "sleep", "1000",
+                                 linux=pb.LinuxContainerConfig(
+                                     security_context=pb.LinuxContainerSecurityContext(
+                                         seccomp=pb.SecurityProfile(
+                                             profile_type=pb.SecurityProfile.RuntimeDefault))))
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=confined), timeout=60)
+        assert _seccomp_mode(cri, confined) == b"2"
         started = time.monotonic()
         assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(
             container_id=c, cmd=["sleep", "30"], timeout=1), timeout=30) == \
@@ -639,3 +648,9 @@ def test_ctr_events_show_cri_containers(cri: CRI) -> None:
     topics = [line.split()[5] for line in lines]  # date time zone UTC namespace topic
     assert topics[0] == "/containers/create" and topics[-1] == "/containers/delete", out
     assert "/tasks/start" in topics
+
+
+def _seccomp_mode(cri: CRI, container: str) -> bytes:
+    out = cri.runtime.ExecSync(pb.ExecSyncRequest(
+        container_id=container, cmd=["sh", "-c", "grep Seccomp: /proc/self/status"]), timeout=30)
+    return out.stdout.split()[1]

@@ -17,7 +17,7 @@ from ctrd.daemon.cri.records import (
     SandboxState,
 )
 
-from ctrd.errors import InvalidArgument
+from ctrd.errors import InvalidArgument, NotFound
 
 FILES = Path("/run/pod-files")
 IMAGE = {"Entrypoint": ["/entry"], "Cmd": ["default-arg"], "Env": ["PATH=/bin", "A=image"],
@@ -153,3 +153,39 @@ def test_oom_score_adj_is_restricted_to_a_floor() -> None:
     restricted = specs.container_spec("c" * 64, config, _pod(), IMAGE, "busybox", None, FILES,
                                       "k8s.io", oom_floor=100)
     assert restricted["process"]["oomScoreAdj"] == 100
+
+
+def test_seccomp_follows_the_request(tmp_path: Path) -> None:
+    # Unset is unconfined, for the pause process too, as under containerd.
+    assert "seccomp" not in _spec(ContainerConfig(name="a"))["linux"]
+    assert "seccomp" not in specs.sandbox_spec(_pod(), IMAGE, FILES, "k8s.io")["linux"]
+    default = _spec(ContainerConfig(name="a", seccomp="runtime/default"))["linux"]["seccomp"]
+    assert "keyctl" in default["syscalls"][0]["names"]
+    profile = tmp_path / "profile.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_LOG"}')
+    local = _spec(ContainerConfig(name="a", seccomp=f"localhost/{profile}"))
+    assert local["linux"]["seccomp"] == {"defaultAction": "SCMP_ACT_LOG"}
+    privileged = _spec(ContainerConfig(name="a", seccomp="runtime/default", privileged=True))
+    assert "seccomp" not in privileged["linux"]
+
+
+@pytest.mark.parametrize(("profile", "error"), [
+    ("localhost/relative.json", InvalidArgument),
+    ("localhost/nowhere/at/all.json", InvalidArgument),
+    ("localhost/no/such/profile.json", InvalidArgument),
+    ("bogus", InvalidArgument),
+])
+def test_hostile_seccomp_profiles(profile: str, error: type) -> None:
+    with pytest.raises(error):
+        _spec(ContainerConfig(name="a", seccomp=profile))
+
+
+def test_seccomp_profile_files_must_be_real_profiles(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    with pytest.raises(NotFound):
+        _spec(ContainerConfig(name="a", seccomp=f"localhost/{missing}"))
+    for text in ("not json", "[]", '{"syscalls": []}'):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(InvalidArgument):
+            _spec(ContainerConfig(name="a", seccomp=f"localhost/{bad}"))
