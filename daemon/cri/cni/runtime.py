@@ -1,27 +1,20 @@
-"""A CNI runtime: attaching pod sandboxes to the node's network, as containerd's CRI does.
+"""Running CNI plugins for a pod sandbox: loopback on ``lo``, then the network on its ifname.
 
-The network comes from the first valid file of a config directory (``*.conf``,
-``*.conflist``, ``*.json`` in lexical order; containerd's go-cni default of a single
-network). Every pod also gets the ``loopback`` plugin for ``lo``, from a built-in list.
-
-Plugins are executables found in the bin dirs and spoken to per the CNI spec (0.3.x,
-0.4.0 and 1.0.0 results): the command and ids in ``CNI_*`` environment variables, the
-network config on stdin, a result or an error object on stdout. Results of ADD are
-cached on disk in libcni's format (``<cache_dir>/results/<net>-<id>-<ifname>``) so that
-DEL, perhaps after a daemon restart, hands the plugins what ADD produced and so that a
-network is torn down with the config it was set up with, even if the file changed.
+Plugins are executables in the bin dirs, driven per the CNI spec: the command and ids in
+``CNI_*`` environment variables, the network config on stdin, a result or an error object
+on stdout. ADD results are cached in libcni's format (``<cache_dir>/results/<net>-<id>-<ifname>``)
+so that DEL, even after a daemon restart, gets what ADD produced and tears the network down
+with the config it was set up with, even if the file has changed since.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import errno
-import ipaddress
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,299 +29,30 @@ from ctrd.errors import (
     Unknown,
 )
 
-from .netns import is_mounted
+from ..netns import is_mounted
+from .config import (
+    _NAME_RE,
+    NetworkConfList,
+    PluginConf,
+    load_conf_dir,
+    loopback_network,
+    parse_conflist,
+)
+from .result import Result, ResultError, _version_key, parse_result
 
 log = structlog.get_logger()
 
 DEFAULT_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_BIN_DIRS = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
 DEFAULT_CACHE_DIR = Path("/var/lib/cni")
-CONF_EXTENSIONS = (".conf", ".conflist", ".json")
-# Result formats this runtime reads; 0.1.0/0.2.0 results have another shape altogether.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 LOOPBACK_IFNAME = "lo"
-# containerd's built-in loopback list; 0.3.1 so that any loopback plugin accepts it.
-LOOPBACK_CONFLIST = b'{"cniVersion":"0.3.1","name":"cni-loopback","plugins":[{"type":"loopback"}]}'
 CACHE_KIND = "cniCacheV1"
 NOT_READY_REASON = "NetworkPluginNotReady"
 # Exec of a plugin being replaced on disk fails with ETXTBSY for a moment; libcni retries.
 _TEXT_BUSY_RETRIES = 5
 
-# libcni's rule for container ids and network names; they become file names.
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _IFNAME_MAX = 15
 
-
-# --- configuration ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PluginConf:
-    """One plugin of a network list, its JSON object kept as written."""
-
-    type: str
-    raw: Mapping[str, Any]
-
-    @property
-    def capabilities(self) -> frozenset[str]:
-        caps = self.raw.get("capabilities") or {}
-        return frozenset(name for name, on in caps.items() if on is True)
-
-
-@dataclass(frozen=True)
-class NetworkConfList:
-    name: str
-    cni_version: str
-    plugins: tuple[PluginConf, ...]
-    # The list's bytes as loaded; the cache records them for teardown.
-    source: bytes = field(repr=False)
-    path: Path | None = None
-
-
-class ConfigError(InvalidArgument):
-    """A network config file or text that cannot be used."""
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
-
-
-def _check_name(what: str, value: object) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ConfigError(f"invalid {what} {value!r}: must match {_NAME_RE.pattern}")
-    return value
-
-
-def _plugin(index: int, raw: object) -> PluginConf:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"plugin {index} is not a JSON object")
-    ptype = raw.get("type")
-    if not isinstance(ptype, str) or not ptype:
-        raise ConfigError(f"plugin {index} has no 'type'")
-    if "/" in ptype or ptype in (".", ".."):
-        raise ConfigError(f"plugin {index} has an invalid type {ptype!r}")
-    caps = raw.get("capabilities", {})
-    if not isinstance(caps, dict):
-        raise ConfigError(f"plugin {index} ({ptype}): 'capabilities' is not an object")
-    return PluginConf(ptype, raw)
-
-
-def _decode(data: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"invalid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ConfigError("not a JSON object")
-    return doc
-
-
-def _version(doc: Mapping[str, Any]) -> str:
-    version = doc.get("cniVersion", "")
-    if version not in SUPPORTED_VERSIONS:
-        raise ConfigError(
-            f"unsupported cniVersion {version!r} (supported: {', '.join(SUPPORTED_VERSIONS)})")
-    return version
-
-
-def parse_conflist(data: bytes, path: Path | None = None) -> NetworkConfList:
-    """A ``.conflist`` document: name, cniVersion and a non-empty ``plugins`` array."""
-    doc = _decode(data)
-    name = _check_name("network name", doc.get("name"))
-    version = _version(doc)
-    raw_plugins = doc.get("plugins")
-    if not isinstance(raw_plugins, list) or not raw_plugins:
-        raise ConfigError("'plugins' must be a non-empty array")
-    plugins = tuple(_plugin(i, p) for i, p in enumerate(raw_plugins))
-    return NetworkConfList(name, version, plugins, data, path)
-
-
-def parse_conf(data: bytes, path: Path | None = None) -> NetworkConfList:
-    """A single-plugin ``.conf``/``.json`` document, made a list of one as libcni does."""
-    doc = _decode(data)
-    if "plugins" in doc and "type" not in doc:
-        raise ConfigError("a plugin list in a single-plugin file (name it .conflist)")
-    name = _check_name("network name", doc.get("name"))
-    version = _version(doc)
-    plugin = _plugin(0, doc)
-    wrapped = json.dumps({"name": name, "cniVersion": version, "plugins": [doc]}).encode()
-    return NetworkConfList(name, version, (plugin,), wrapped, path)
-
-
-def load_conf_dir(conf_dir: Path) -> NetworkConfList | None:
-    """The first usable network config of ``conf_dir``; unusable files are logged and skipped."""
-    try:
-        entries = sorted(conf_dir.iterdir())
-    except FileNotFoundError:
-        return None
-    for path in entries:
-        if path.suffix not in CONF_EXTENSIONS or not path.is_file():
-            continue
-        try:
-            data = path.read_bytes()
-            if path.suffix == ".conflist":
-                return parse_conflist(data, path)
-            return parse_conf(data, path)
-        except ConfigError as exc:
-            log.warning("cni config skipped", file=str(path), error=str(exc))
-        except OSError as exc:
-            log.warning("cni config unreadable", file=str(path), error=str(exc))
-    return None
-
-
-def loopback_network() -> NetworkConfList:
-    return parse_conflist(LOOPBACK_CONFLIST)
-
-
-# --- results ---------------------------------------------------------------------------
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class Interface:
-    name: str
-    mac: str = ""
-    # The netns path for interfaces inside the pod; empty for host-side ones (veth, bridge).
-    sandbox: str = ""
-
-
-@dataclass(frozen=True)
-class IPConfig:
-    address: IPInterface  # address with its prefix length
-    gateway: IPAddress | None = None
-    # Index into Result.interfaces of the interface holding the address.
-    interface: int | None = None
-
-
-@dataclass(frozen=True)
-class Route:
-    dst: IPNetwork
-    gw: IPAddress | None = None
-
-
-@dataclass(frozen=True)
-class DNS:
-    nameservers: tuple[str, ...] = ()
-    domain: str = ""
-    search: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Result:
-    cni_version: str
-    interfaces: tuple[Interface, ...] = ()
-    ips: tuple[IPConfig, ...] = ()
-    routes: tuple[Route, ...] = ()
-    dns: DNS = DNS()
-
-    def ips_of(self, ifname: str) -> list[IPConfig]:
-        """Addresses of the pod interface ``ifname`` (those naming no interface count too)."""
-        return [ip for ip in self.ips
-                if ip.interface is None
-                or (self.interfaces[ip.interface].name == ifname
-                    and self.interfaces[ip.interface].sandbox)]
-
-    def to_json(self, version: str | None = None) -> dict[str, Any]:
-        """The result in the JSON shape of ``version`` (default: its own)."""
-        version = version or self.cni_version
-        pre_1 = _version_key(version) < (1, 0, 0)
-        out: dict[str, Any] = {"cniVersion": version}
-        if self.interfaces:
-            out["interfaces"] = [
-                {"name": i.name, **({"mac": i.mac} if i.mac else {}),
-                 **({"sandbox": i.sandbox} if i.sandbox else {})}
-                for i in self.interfaces]
-        if self.ips:
-            ips = []
-            for ip in self.ips:
-                entry: dict[str, Any] = {}
-                if pre_1:
-                    entry["version"] = str(ip.address.version)
-                if ip.interface is not None:
-                    entry["interface"] = ip.interface
-                entry["address"] = str(ip.address)
-                if ip.gateway is not None:
-                    entry["gateway"] = str(ip.gateway)
-                ips.append(entry)
-            out["ips"] = ips
-        if self.routes:
-            out["routes"] = [{"dst": str(r.dst), **({"gw": str(r.gw)} if r.gw else {})}
-                             for r in self.routes]
-        dns = {k: v for k, v in (("nameservers", list(self.dns.nameservers)),
-                                 ("domain", self.dns.domain),
-                                 ("search", list(self.dns.search)),
-                                 ("options", list(self.dns.options))) if v}
-        if dns:
-            out["dns"] = dns
-        return out
-
-
-class ResultError(Internal):
-    """A plugin's output that is not a valid CNI result."""
-
-
-def _strings(doc: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = doc.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ResultError(f"dns.{key} must be an array of strings")
-    return tuple(value)
-
-
-def _address(value: object, what: str) -> IPAddress | None:
-    if value in (None, ""):
-        return None
-    try:
-        return ipaddress.ip_address(value)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise ResultError(f"invalid {what} {value!r}") from exc
-
-
-def parse_result(doc: object, cni_version: str = "") -> Result:
-    """A CNI result (0.3.x/0.4.0/1.0.0 shape) from its decoded JSON.
-
-    ``cni_version`` is the config's version, used when the result does not say its own."""
-    if not isinstance(doc, dict):
-        raise ResultError("result is not a JSON object")
-    version = doc.get("cniVersion") or cni_version
-    if version not in SUPPORTED_VERSIONS:
-        raise ResultError(f"unsupported result version {version!r}")
-    try:
-        interfaces = tuple(
-            Interface(str(i["name"]), str(i.get("mac", "")), str(i.get("sandbox", "")))
-            for i in doc.get("interfaces") or [])
-        ips = []
-        for entry in doc.get("ips") or []:
-            index = entry.get("interface")
-            if index is not None and (not isinstance(index, int) or isinstance(index, bool)
-                                      or not 0 <= index < len(interfaces)):
-                raise ResultError(f"ip {entry.get('address')!r} names interface {index!r}, "
-                                  f"but the result has {len(interfaces)} interfaces")
-            try:
-                address = ipaddress.ip_interface(entry["address"])
-            except ValueError as exc:
-                raise ResultError(f"invalid address {entry['address']!r}") from exc
-            ips.append(IPConfig(address, _address(entry.get("gateway"), "gateway"), index))
-        routes = []
-        for entry in doc.get("routes") or []:
-            try:
-                dst = ipaddress.ip_network(entry["dst"], strict=False)
-            except ValueError as exc:
-                raise ResultError(f"invalid route destination {entry['dst']!r}") from exc
-            routes.append(Route(dst, _address(entry.get("gw"), "route gateway")))
-        raw_dns = doc.get("dns") or {}
-        if not isinstance(raw_dns, dict):
-            raise ResultError("dns is not an object")
-        dns = DNS(_strings(raw_dns, "nameservers"), str(raw_dns.get("domain") or ""),
-                  _strings(raw_dns, "search"), _strings(raw_dns, "options"))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ResultError(f"malformed result: {type(exc).__name__}: {exc}") from exc
-    return Result(version, interfaces, tuple(ips), tuple(routes), dns)
-
-
-# --- runtime ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PortMapping:
