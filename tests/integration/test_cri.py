@@ -654,3 +654,64 @@ def _seccomp_mode(cri: CRI, container: str) -> bytes:
     out = cri.runtime.ExecSync(pb.ExecSyncRequest(
         container_id=container, cmd=["sh", "-c", "grep Seccomp: /proc/self/status"]), timeout=30)
     return out.stdout.split()[1]
+
+
+def test_kubelet_like_restart_and_log_rotation(cri: CRI) -> None:
+    """What kubelet does over a pod's life: logs under <pod dir>/<name>/<attempt>.log,
+    rotation by rename + ReopenContainerLog, a probe by ExecSync, a restart as a new
+    container with the next attempt beside the exited one, then clean-up."""
+    pod, config = cri.run_pod("kubelet")
+    logs = Path(config.log_directory)
+    (logs / "app").mkdir()
+    counter = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.05; done"
+
+    def app(attempt: int) -> str:
+        return cri.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=config, config=pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name="app", attempt=attempt),
+                image=pb.ImageSpec(image=BUSYBOX), command=["sh", "-c", counter],
+                log_path=f"app/{attempt}.log")), timeout=60).container_id
+
+    def lines(path: Path) -> int:
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def grows(path: Path) -> None:
+        deadline = time.monotonic() + 10
+        start = lines(path)
+        while time.monotonic() < deadline and lines(path) <= start + 2:
+            time.sleep(0.05)
+        assert lines(path) > start + 2, path
+
+    try:
+        first = app(0)
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=first), timeout=60)
+        grows(logs / "app/0.log")
+        rotated = logs / "app/0.log.20261130-000000"
+        (logs / "app/0.log").rename(rotated)
+        cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=first),
+                                       timeout=30)
+        grows(logs / "app/0.log")
+        settled = lines(rotated)
+        time.sleep(0.3)
+        assert lines(rotated) == settled  # nothing more goes to the renamed file
+        probe = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=first, cmd=["true"],
+                                                        timeout=5), timeout=30)
+        assert probe.exit_code == 0
+        # A restart: the exited attempt stays until kubelet removes it.
+        cri.runtime.StopContainer(pb.StopContainerRequest(container_id=first, timeout=1),
+                                  timeout=60)
+        assert _code(cri.runtime.ReopenContainerLog, pb.ReopenContainerLogRequest(
+            container_id=first), timeout=30) == grpc.StatusCode.FAILED_PRECONDITION
+        second = app(1)
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=second), timeout=60)
+        grows(logs / "app/1.log")
+        states = {c.metadata.attempt: c.state for c in cri.runtime.ListContainers(
+            pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=pod)),
+            timeout=10).containers}
+        assert states == {0: pb.CONTAINER_EXITED, 1: pb.CONTAINER_RUNNING}
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=first), timeout=60)
+        # The first attempt's name is free again once it is removed.
+        assert app(0)
+    finally:
+        cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
+        cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
