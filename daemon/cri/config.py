@@ -27,6 +27,9 @@ class CRIConfig:
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     cni_cache_dir: Path = Path("/var/lib/cni")
     max_log_line: int = 16 * 1024
+    # Where Exec and PortForward URLs point; port 0 takes any free one, as containerd.
+    stream_address: str = "127.0.0.1"
+    stream_port: int = 0
     # Never give a process a lower oom_score_adj than the daemon's own (containerd's
     # option, for hosts where lowering it is not allowed).
     restrict_oom_score_adj: bool = False
@@ -52,5 +55,7 @@ class CRIConfig:
             cni_conf_dir=Path(cni.get("conf_dir", "/etc/cni/net.d")),
             cni_cache_dir=Path(cni.get("cache_dir", "/var/lib/cni")),
             max_log_line=int(options.get("max_container_log_line_size", 16 * 1024)),
+            stream_address=str(options.get("stream_server_address", "127.0.0.1")),
+            stream_port=int(options.get("stream_server_port", 0)),
             restrict_oom_score_adj=bool(options.get("restrict_oom_score_adj", False)),
         )

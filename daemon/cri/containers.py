@@ -9,6 +9,7 @@ and the task deleted, which frees the shim.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -35,7 +36,7 @@ from .cleanup import delete_task, remove_snapshot
 from .config import NAMESPACE, CRIConfig
 from .events import EventFeed, EventKind
 from .execio import ExecCapture
-from .fifos import ContainerFifos, create_fifos, remove_fifos
+from .fifos import ContainerFifos, create_fifos, open_reader, remove_fifos
 from .images import CRIImages
 from .logs import LogCopier
 from .mounts import to_proto
@@ -50,6 +51,7 @@ from .records import (
 )
 from .stats import Usage
 from .store import CRIStore
+from .streaming.streams import CommandStreams
 
 log = structlog.get_logger()
 
@@ -372,6 +374,69 @@ class ContainerManager:
             await remove_fifos(fifos)
         return result.stdout, result.stderr, exit_.status
 
+    async def exec_stream(self, id_: str, cmd: list[str], streams: CommandStreams) -> None:
+        """Run ``cmd`` in the container wired to a streaming client (kubectl exec): its
+        stdin, output, terminal size, and at the end its exit status. A client that goes
+        away takes the command with it."""
+        options = streams.options
+        try:
+            container = self.store.container(id_)
+            if container.status.state != ContainerState.RUNNING:
+                raise FailedPrecondition(f"container {container.id} is not running")
+            record = await self.store.records.get(NAMESPACE, container.id)
+            assert record.spec is not None
+            process = specs.exec_process(json.loads(record.spec.value)["process"], cmd)
+            process["terminal"] = options.tty
+            task = self.tasks.get(NAMESPACE, container.id)
+        except CtrdError as exc:
+            await streams.finish(None, str(exc))
+            return
+        exec_id = secrets.token_hex(16)
+        fifos = await create_fifos(self.fifo_dir(container.id), exec_id,
+                                   stdin=options.stdin, tty=options.tty)
+        outputs: list[asyncio.Task[None]] = []
+        pumps: list[asyncio.Task[None]] = []
+        exit_code: int | None = None
+        error = ""
+        try:
+            outputs.append(asyncio.create_task(_copy_out(fifos.stdout, streams.write_stdout)))
+            if fifos.stderr:
+                outputs.append(asyncio.create_task(_copy_out(fifos.stderr,
+                                                             streams.write_stderr)))
+            spec = any_pb2.Any(type_url=PROCESS_TYPE, value=oci.dumps(process))
+            await task.exec(exec_id, IO(fifos.stdin, fifos.stdout, fifos.stderr, options.tty),
+                            spec)
+            try:
+                waiter = asyncio.create_task(task.wait(exec_id))
+                await task.start(exec_id)
+                if fifos.stdin and streams.stdin is not None:
+                    pumps.append(asyncio.create_task(
+                        _copy_in(streams.stdin, fifos.stdin, task, exec_id)))
+                if options.tty:
+                    pumps.append(asyncio.create_task(
+                        _resize(streams.resizes, task, exec_id)))
+                gone = asyncio.create_task(streams.disconnected.wait())
+                await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    log.info("exec client went away; killing the command",
+                             container=container.id, exec_id=exec_id)
+                    await self._signal_exec(task, exec_id)
+                gone.cancel()
+                exit_code = (await waiter).status
+                # Output may still be in the pipes: let it reach the client first.
+                await asyncio.wait(outputs, timeout=LOG_DRAIN_TIMEOUT)
+            finally:
+                with contextlib.suppress(CtrdError):
+                    await task.delete_process(exec_id)
+        except CtrdError as exc:
+            error = str(exc)
+        finally:
+            for pump in outputs + pumps:
+                pump.cancel()
+            await asyncio.gather(*outputs, *pumps, return_exceptions=True)
+            await remove_fifos(fifos)
+        await streams.finish(exit_code, error)
+
     async def _signal_exec(self, task: Any, exec_id: str) -> None:
         try:
             await task.kill(signal.SIGKILL, exec_id=exec_id)
@@ -414,6 +479,43 @@ class ContainerManager:
 
     def list(self) -> list[Container]:
         return sorted(self.store.containers.values(), key=lambda c: c.status.created_at)
+
+
+async def _copy_out(path: str, send: Any) -> None:
+    reader, transport = await open_reader(path)
+    try:
+        while chunk := await reader.read(64 * 1024):
+            await send(chunk)
+    finally:
+        transport.close()
+
+
+async def _copy_in(source: asyncio.StreamReader, path: str, task: Any, exec_id: str) -> None:
+    """The client's stdin into the exec's stdin FIFO; at its end the shim is told to
+    close the process's stdin (the shim keeps the FIFO open for itself otherwise)."""
+    loop = asyncio.get_running_loop()
+    # Write-only: asyncio takes a pipe end that turns readable for one its peer closed,
+    # and would drop what it still had to write. The shim has had its reader open
+    # since the exec was created, so the open cannot fail for want of one.
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    pipe = os.fdopen(fd, "wb", buffering=0)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, pipe)
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    try:
+        while chunk := await source.read(64 * 1024):
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        writer.close()
+    with contextlib.suppress(CtrdError):
+        await task.close_io(exec_id)
+
+
+async def _resize(sizes: asyncio.Queue[tuple[int, int]], task: Any, exec_id: str) -> None:
+    while True:
+        width, height = await sizes.get()
+        with contextlib.suppress(CtrdError):
+            await task.resize_pty(exec_id, width, height)
 
 
 def _rmtree(folder: Path) -> None:

@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
 import threading
 import uuid
 from dataclasses import dataclass
@@ -196,3 +197,32 @@ def _closed(path: Path) -> bool:
     except OSError as exc:
         raise _error("remove stale netns file", path, exc.errno or errno.EIO) from exc
     return True
+
+
+def socket_in(path: str | os.PathLike[str]) -> socket.socket:
+    """A TCP socket made inside the network namespace pinned at ``path``.
+
+    Made on a thread of its own that enters the namespace and then ends, like
+    :func:`create`'s, so no thread of the daemon is left in a pod's namespace; the
+    socket stays in the namespace it was made in."""
+    made: list[socket.socket] = []
+    failed: list[OSError] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.setns(fd, os.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=work, name="netns-socket")
+    thread.start()
+    thread.join()
+    if failed:
+        raise _error("open a socket in network namespace", Path(path),
+                     failed[0].errno or errno.EIO)
+    return made[0]

@@ -15,6 +15,8 @@ from .images import CRIImages
 from .runtime import CRIRuntime
 from .sandboxes import SandboxManager
 from .store import CRIStore
+from .streaming.server import ExecTarget, StreamServer
+from .streaming.streams import CommandStreams
 
 
 @dataclass
@@ -25,8 +27,10 @@ class CRI:
     images: CRIImages
     runtime: CRIRuntime
     network: CNI
+    streaming: StreamServer
 
     async def aclose(self) -> None:
+        await self.streaming.aclose()
         await self.runtime.aclose()
 
 
@@ -57,4 +61,12 @@ async def init(ctx: InitContext) -> CRI:
                                   feed)
     runtime = CRIRuntime(sandboxes, containers, ctx.get(EVENT), feed)
     await runtime.start()
-    return CRI(config, images, runtime, network)
+
+    async def run_exec(target: ExecTarget, streams: CommandStreams) -> None:
+        await containers.exec_stream(target.container_id, list(target.cmd), streams)
+
+    streaming = StreamServer(config.stream_address, config.stream_port, run_exec,
+                             sandboxes.connect)
+    await streaming.start()
+    ctx.exports["stream_server"] = f"{config.stream_address}:{streaming.port}"
+    return CRI(config, images, runtime, network, streaming)

@@ -230,6 +230,26 @@ class SandboxManager:
             if not alive:
                 await self.on_exit(sandbox.id)
 
+    async def connect(self, id_: str,
+                      port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to ``port`` on the pod's loopback, made inside its network
+        namespace (port forwarding): the socket keeps the namespace it was made in."""
+        sandbox = self.store.sandbox(id_)
+        if sandbox.state != SandboxState.READY:
+            raise FailedPrecondition(f"sandbox {sandbox.id} is not ready")
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"invalid port {port}")
+        if not sandbox.netns_path:
+            return await asyncio.open_connection("127.0.0.1", port)
+        sock = await asyncio.to_thread(netns.socket_in, sandbox.netns_path)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
     async def status(self, id_: str) -> Sandbox:
         return self.store.sandbox(id_)
 

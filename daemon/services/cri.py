@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 from ctrd import __version__
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
-from ctrd.errors import InvalidArgument, NotFound, Unimplemented
+from ctrd.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 
 from ..cri.images import ImageInfo
 from ..cri.plugin import CRI
@@ -29,6 +29,8 @@ from ..cri.records import (
     SandboxState,
 )
 from ..cri.stats import Usage
+from ..cri.streaming.server import ExecTarget, PortForwardTarget
+from ..cri.streaming.streams import Options
 from ..plugin import INTERNAL, InitContext
 from ..remotes.auth import Credentials
 from .interceptor import Registrar
@@ -226,20 +228,36 @@ class RuntimeService:
         await self.runtime.containers.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
-    # The streaming calls need a streaming server ctrd does not have yet; an unknown
-    # container or pod is still NotFound first, as containerd answers.
+    # Exec and PortForward hand back a one-time URL of the streaming server, which
+    # kubelet proxies the client to; the checks happen here, before any URL exists.
     async def Exec(self, request: pb.ExecRequest, context) -> pb.ExecResponse:
-        self.runtime.container(request.container_id)
-        raise Unimplemented("interactive exec streaming is not supported; use ExecSync")
+        container = self.runtime.container(request.container_id)
+        if container.status.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        if not request.cmd:
+            raise InvalidArgument("cmd must not be empty")
+        if request.tty and request.stderr:
+            raise InvalidArgument("tty and stderr cannot both be true")
+        if not (request.stdin or request.stdout or request.stderr):
+            raise InvalidArgument("one of stdin, stdout, or stderr must be set")
+        target = ExecTarget(container.id, tuple(request.cmd), Options(
+            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
+            tty=request.tty))
+        return pb.ExecResponse(url=self.cri.streaming.url(target))
 
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
         self.runtime.container(request.container_id)
-        raise Unimplemented("attach streaming is not supported")
+        raise Unimplemented("attach streaming is not supported; use Exec")
 
     async def PortForward(self, request: pb.PortForwardRequest,
                           context) -> pb.PortForwardResponse:
-        self.runtime.pod(request.pod_sandbox_id)
-        raise Unimplemented("port forwarding is not supported")
+        sandbox = self.runtime.pod(request.pod_sandbox_id)
+        if sandbox.state != SandboxState.READY:
+            raise FailedPrecondition(f"sandbox {sandbox.id} is not ready")
+        for port in request.port:
+            if not 0 < port < 65536:
+                raise InvalidArgument(f"invalid port {port}")
+        return pb.PortForwardResponse(url=self.cri.streaming.url(PortForwardTarget(sandbox.id)))
 
     async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
                                        context) -> pb.UpdateContainerResourcesResponse:

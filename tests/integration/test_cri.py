@@ -8,172 +8,28 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
-import json
 import os
-import secrets
-import shutil
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from helpers.containerd_ref import remove_namespace_dirs
-from helpers.ctrd_proc import CtrdProcess, new_base
+from helpers.cri_env import BUSYBOX, CRI, PAUSE, code_of, cri_daemon
 from helpers.daemon_proc import CTR
-from helpers.procs import shim_pids
-from helpers.registry import Registry, start_registry
-from helpers.runtime_env import delete_runc_under
 
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
-from ctrd.api.k8s.cri.runtime.v1 import api_pb2_grpc as rpc
 from ctrd.oci import busybox, writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not Path("/usr/lib/cni/bridge").exists(), reason="needs containernetworking-plugins")]
 
-PAUSE = "ctrd.test/pause:1"
-BUSYBOX = "ctrd.test/busybox:1"
-
-
-@dataclass
-class CRI:
-    daemon: CtrdProcess
-    runtime: rpc.RuntimeServiceStub
-    images: rpc.ImageServiceStub
-    subnet_prefix: str
-    base: Path
-    registry: Registry | None
-
-    def pod_config(self, name: str, **kw) -> pb.PodSandboxConfig:
-        kw.setdefault("hostname", name)
-        return pb.PodSandboxConfig(
-            metadata=pb.PodSandboxMetadata(name=name, uid=secrets.token_hex(8),
-                                           namespace="default"),
-            log_directory=str(self.base / "logs" / name), **kw)
-
-    def run_pod(self, name: str, **kw) -> tuple[str, pb.PodSandboxConfig]:
-        config = self.pod_config(name, **kw)
-        Path(config.log_directory).mkdir(parents=True, exist_ok=True)
-        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=60)
-        return resp.pod_sandbox_id, config
-
-    def container(self, pod: str, pod_config: pb.PodSandboxConfig, name: str,
-                  *command: str, **kw) -> str:
-        kw.setdefault("log_path", f"{name}.log")
-        config = pb.ContainerConfig(metadata=pb.ContainerMetadata(name=name),
-                                    image=pb.ImageSpec(image=BUSYBOX), command=list(command),
-                                    **kw)
-        resp = self.runtime.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=pod, config=config, sandbox_config=pod_config), timeout=60)
-        return resp.container_id
-
-    def status(self, container: str) -> pb.ContainerStatus:
-        return self.runtime.ContainerStatus(
-            pb.ContainerStatusRequest(container_id=container), timeout=10).status
-
-    def wait_exited(self, container: str, timeout: float = 15) -> pb.ContainerStatus:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status(container)
-            if status.state == pb.CONTAINER_EXITED:
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"container {container} did not exit: {status}")
-
-
-def _cni_conf(folder: Path, bridge: str, subnet: str, ipam_dir: Path) -> None:
-    folder.mkdir(parents=True)
-    (folder / "10-ctrd-test.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "ctrd-cri-test",
-        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-                     "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                              "dataDir": str(ipam_dir)}}],
-    }))
-
-
-def _import(daemon: CtrdProcess, folder: Path) -> None:
-    archive = folder / "images.tar"
-    pause = busybox.busybox_image(config=writer.ImageConfig(cmd=["sleep", "1000000"]))
-    writer.write_oci_archive(archive, {PAUSE: pause, BUSYBOX: busybox.busybox_image()})
-    daemon.ctr("images", "import", str(archive), namespace="k8s.io")
-
-
 @pytest.fixture(scope="module")
 def cri() -> Iterator[CRI]:
-    base = new_base("ctrd-cri-")
-    bridge = f"ctrdcri{secrets.token_hex(3)}"
-    third = int.from_bytes(os.urandom(1), "big") % 200 + 20
-    _cni_conf(base / "net.d", bridge, f"10.253.{third}.0/24", base / "ipam")
-    (base / "netns").mkdir()
-    registry = None
-    if shutil.which("docker-registry") and shutil.which("skopeo"):
-        registry = start_registry(base / "registry", users={"kube": "pods"})
-    plain_http = f'"{registry.host}"' if registry else ""
-    config = f"""
-[plugins."io.containerd.transfer.v1.local"]
-plain_http = [{plain_http}]
-[plugins."io.containerd.grpc.v1.cri"]
-sandbox_image = "{PAUSE}"
-netns_dir = "{base / 'netns'}"
-# Root here lacks CAP_SYS_RESOURCE: the pause process's -998 is refused without it.
-restrict_oom_score_adj = true
-[plugins."io.containerd.grpc.v1.cri".cni]
-conf_dir = "{base / 'net.d'}"
-cache_dir = "{base / 'cni-cache'}"
-"""
-    daemon = CtrdProcess(base, config_text=config)
-    channel = None
-    try:
-        daemon.start()
-        _import(daemon, base)
-        channel = grpc.insecure_channel(f"unix://{daemon.address}")
-        yield CRI(daemon, rpc.RuntimeServiceStub(channel), rpc.ImageServiceStub(channel),
-                  f"10.253.{third}.", base, registry)
-    finally:
-        if channel is not None:
-            channel.close()
-        if registry is not None:
-            registry.stop()
-        _teardown(daemon, base, bridge)
-
-
-def _teardown(daemon: CtrdProcess, base: Path, bridge: str) -> None:
-    # Pods left by a failed test: their tasks, netns and veths go with the daemon's help.
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        try:
-            with grpc.insecure_channel(f"unix://{daemon.address}") as channel:
-                stub = rpc.RuntimeServiceStub(channel)
-                for pod in stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items:
-                    stub.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id),
-                                        timeout=60)
-                    stub.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id),
-                                          timeout=60)
-        except grpc.RpcError:
-            pass
-    daemon.stop()
-    # Whatever the daemon lost track of (a test that broke its state) goes by force.
-    for pid in shim_pids(daemon.address):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    delete_runc_under(base, "k8s.io")
-    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for target in sorted((m for m in mounts if m.startswith(str(base))), reverse=True):
-        subprocess.run(["umount", "-l", target], check=False)
-    shutil.rmtree(base, ignore_errors=True)
-    remove_namespace_dirs(["k8s.io"])
-
-
-def _code(call, *args, **kw) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kw)
-    return info.value.code()
+    with cri_daemon() as env:
+        yield env
 
 
 # -- runtime status and images -------------------------------------------------------------
@@ -188,9 +44,9 @@ def test_version_and_status(cri: CRI) -> None:
     config = cri.runtime.RuntimeConfig(pb.RuntimeConfigRequest(), timeout=10)
     assert config.linux.cgroup_driver == pb.CGROUPFS
     # Calls ctrd does not serve check their ids first, as containerd's do.
-    assert _code(cri.runtime.Attach, pb.AttachRequest(container_id="x"), timeout=10) == \
+    assert code_of(cri.runtime.Attach, pb.AttachRequest(container_id="x"), timeout=10) == \
         grpc.StatusCode.NOT_FOUND
-    assert _code(cri.runtime.CheckpointContainer, pb.CheckpointContainerRequest(
+    assert code_of(cri.runtime.CheckpointContainer, pb.CheckpointContainerRequest(
         container_id="x"), timeout=10) == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -217,12 +73,12 @@ def test_images_are_listed_by_id(cri: CRI) -> None:
 
 
 def test_hostile_image_requests(cri: CRI) -> None:
-    assert _code(cri.images.ImageStatus, pb.ImageStatusRequest(image=pb.ImageSpec(image="")),
+    assert code_of(cri.images.ImageStatus, pb.ImageStatusRequest(image=pb.ImageSpec(image="")),
                  timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
     # Not a reference nor an ID: no such image, an empty answer (as containerd's).
     assert not cri.images.ImageStatus(pb.ImageStatusRequest(
         image=pb.ImageSpec(image="UPPER/Case::bad")), timeout=10).HasField("image")
-    assert _code(cri.images.PullImage, pb.PullImageRequest(
+    assert code_of(cri.images.PullImage, pb.PullImageRequest(
         image=pb.ImageSpec(image="ctrd.test/x:1"), auth=pb.AuthConfig(auth="%%%")),
         timeout=10) == grpc.StatusCode.INVALID_ARGUMENT
     # Removing what is not there is fine, as CRI asks.
@@ -237,9 +93,9 @@ def test_pull_with_credentials_run_and_remove(cri: CRI) -> None:
     cri.registry.push_image(image, "cri/busybox:v1", cri.base)
     ref = f"{cri.registry.host}/cri/busybox:v1"
     spec = pb.ImageSpec(image=ref)
-    assert _code(cri.images.PullImage, pb.PullImageRequest(image=spec), timeout=60) == \
+    assert code_of(cri.images.PullImage, pb.PullImageRequest(image=spec), timeout=60) == \
         grpc.StatusCode.UNAUTHENTICATED
-    assert _code(cri.images.PullImage, pb.PullImageRequest(
+    assert code_of(cri.images.PullImage, pb.PullImageRequest(
         image=spec, auth=pb.AuthConfig(username="kube", password="wrong")), timeout=60) == \
         grpc.StatusCode.UNAUTHENTICATED
     pulled = cri.images.PullImage(pb.PullImageRequest(
@@ -307,7 +163,7 @@ def test_pod_lifecycle_with_network(cri: CRI) -> None:
     assert not any((cri.base / "netns").iterdir())
     cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
     cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
-    assert _code(cri.runtime.ContainerStatus, pb.ContainerStatusRequest(container_id=c),
+    assert code_of(cri.runtime.ContainerStatus, pb.ContainerStatusRequest(container_id=c),
                  timeout=10) == grpc.StatusCode.NOT_FOUND
     assert not cri.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
     # Nothing of the pod is left: no record in containerd's view, no snapshot.
@@ -339,7 +195,7 @@ def test_container_exit_code_and_logs(cri: CRI) -> None:
         # containerd tags a last line without its newline P (partial), and so does ctrd.
         assert ["stdout", "P", "partial"] in parsed
         # A started container cannot be started again.
-        assert _code(cri.runtime.StartContainer, pb.StartContainerRequest(container_id=c),
+        assert code_of(cri.runtime.StartContainer, pb.StartContainerRequest(container_id=c),
                      timeout=30) == grpc.StatusCode.FAILED_PRECONDITION
         listed = cri.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
             pod_sandbox_id=pod, state=pb.ContainerStateValue(state=pb.CONTAINER_EXITED))),
@@ -373,7 +229,7 @@ def test_stop_container_escalates_to_kill(cri: CRI) -> None:
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
 
 
-def test_exec_sync_timeout_and_exit_code(cri: CRI) -> None:
+def test_exec_sync_timeout_and_exitcode_of(cri: CRI) -> None:
     pod, config = cri.run_pod("execs")
     try:
         c = cri.container(pod, config, "idle", "sleep", "1000")
@@ -391,18 +247,19 @@ def test_exec_sync_timeout_and_exit_code(cri: CRI) -> None:
         cri.runtime.StartContainer(pb.StartContainerRequest(container_id=confined), timeout=60)
         assert _seccomp_mode(cri, confined) == b"2"
         started = time.monotonic()
-        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(
+        assert code_of(cri.runtime.ExecSync, pb.ExecSyncRequest(
             container_id=c, cmd=["sleep", "30"], timeout=1), timeout=30) == \
             grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 15
-        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(container_id=c, cmd=[]),
+        assert code_of(cri.runtime.ExecSync, pb.ExecSyncRequest(container_id=c, cmd=[]),
                      timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
         # A negative timeout is none, as containerd takes it.
         assert cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=c, cmd=["true"],
                                                        timeout=-1), timeout=30).exit_code == 0
-        assert _code(cri.runtime.Exec, pb.ExecRequest(container_id=c, cmd=["sh"]),
-                     timeout=10) == grpc.StatusCode.UNIMPLEMENTED
-        assert _code(cri.runtime.ExecSync, pb.ExecSyncRequest(
+        # Streaming exec hands back a URL (test_cri_streaming.py goes there).
+        assert cri.runtime.Exec(pb.ExecRequest(container_id=c, cmd=["sh"], stdout=True),
+                                timeout=10).url.startswith("http://127.0.0.1:")
+        assert code_of(cri.runtime.ExecSync, pb.ExecSyncRequest(
             container_id="f" * 64, cmd=["true"]), timeout=30) == grpc.StatusCode.NOT_FOUND
     finally:
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
@@ -411,36 +268,36 @@ def test_exec_sync_timeout_and_exit_code(cri: CRI) -> None:
 
 def test_hostile_pod_and_container_requests(cri: CRI) -> None:
     bad = cri.pod_config("")
-    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=bad),
+    assert code_of(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=bad),
                  timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
+    assert code_of(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
         config=cri.pod_config("x"), runtime_handler="nope"), timeout=30) == \
         grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
+    assert code_of(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(
         config=cri.pod_config("x", hostname="bad host/name")), timeout=30) == \
         grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(cri.runtime.PodSandboxStatus, pb.PodSandboxStatusRequest(
+    assert code_of(cri.runtime.PodSandboxStatus, pb.PodSandboxStatusRequest(
         pod_sandbox_id="nope"), timeout=10) == grpc.StatusCode.NOT_FOUND
-    assert _code(cri.runtime.CreateContainer, pb.CreateContainerRequest(
+    assert code_of(cri.runtime.CreateContainer, pb.CreateContainerRequest(
         pod_sandbox_id="nope", config=pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name="a"), image=pb.ImageSpec(image=BUSYBOX))),
         timeout=10) == grpc.StatusCode.NOT_FOUND
     pod, config = cri.run_pod("hostile")
     try:
         # The same pod name and attempt twice is refused while the first exists.
-        assert _code(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=config),
+        assert code_of(cri.runtime.RunPodSandbox, pb.RunPodSandboxRequest(config=config),
                      timeout=30) == grpc.StatusCode.ALREADY_EXISTS
         c = cri.container(pod, config, "one", "sleep", "1")
-        assert _code(cri.container, pod, config, "one", "sleep", "1") == \
+        assert code_of(cri.container, pod, config, "one", "sleep", "1") == \
             grpc.StatusCode.ALREADY_EXISTS
-        assert _code(cri.container, pod, config, "up", "true", log_path="../../escape.log") \
+        assert code_of(cri.container, pod, config, "up", "true", log_path="../../escape.log") \
             == grpc.StatusCode.INVALID_ARGUMENT
-        assert _code(cri.runtime.CreateContainer, pb.CreateContainerRequest(
+        assert code_of(cri.runtime.CreateContainer, pb.CreateContainerRequest(
             pod_sandbox_id=pod, config=pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name="noimg"),
                 image=pb.ImageSpec(image="ctrd.test/absent:1"))), timeout=10) == \
             grpc.StatusCode.NOT_FOUND
-        assert _code(cri.container, pod, config, "relcwd", "true", working_dir="rel") == \
+        assert code_of(cri.container, pod, config, "relcwd", "true", working_dir="rel") == \
             grpc.StatusCode.INVALID_ARGUMENT
         # A negative grace period is none; stopping a created container does nothing.
         cri.runtime.StopContainer(pb.StopContainerRequest(container_id=c, timeout=-1),
@@ -450,7 +307,7 @@ def test_hostile_pod_and_container_requests(cri: CRI) -> None:
         cri.container(pod, config, "relcwd", "true")
         # Removing a pod takes its containers with it.
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
-        assert _code(cri.container, pod, config, "late", "true") == \
+        assert code_of(cri.container, pod, config, "late", "true") == \
             grpc.StatusCode.FAILED_PRECONDITION
     finally:
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
@@ -524,12 +381,12 @@ def test_stats_and_resource_update(cri: CRI) -> None:
             filter=pb.ContainerStatsFilter(pod_sandbox_id=pod)), timeout=30).stats
         assert [s.attributes.id for s in listed] == [c]
         # Hostile updates change nothing.
-        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+        assert code_of(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
             container_id=c, linux=pb.LinuxContainerResources(memory_limit_in_bytes=-5)),
             timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
-        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+        assert code_of(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
             container_id=c), timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
-        assert _code(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
+        assert code_of(cri.runtime.UpdateContainerResources, pb.UpdateContainerResourcesRequest(
             container_id="0" * 64, linux=pb.LinuxContainerResources(cpu_shares=2)),
             timeout=30) == grpc.StatusCode.NOT_FOUND
         assert _memory_limit(c) == 128 << 20
@@ -581,7 +438,7 @@ def test_pod_stats(cri: CRI) -> None:
         listed = cri.runtime.ListPodSandboxStats(pb.ListPodSandboxStatsRequest(
             filter=pb.PodSandboxStatsFilter(id=pod)), timeout=30).stats
         assert [s.attributes.id for s in listed] == [pod]
-        assert _code(cri.runtime.PodSandboxStats, pb.PodSandboxStatsRequest(
+        assert code_of(cri.runtime.PodSandboxStats, pb.PodSandboxStatsRequest(
             pod_sandbox_id="0" * 64), timeout=10) == grpc.StatusCode.NOT_FOUND
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
         stopped = cri.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod),
@@ -700,7 +557,7 @@ def test_kubelet_like_restart_and_log_rotation(cri: CRI) -> None:
         # A restart: the exited attempt stays until kubelet removes it.
         cri.runtime.StopContainer(pb.StopContainerRequest(container_id=first, timeout=1),
                                   timeout=60)
-        assert _code(cri.runtime.ReopenContainerLog, pb.ReopenContainerLogRequest(
+        assert code_of(cri.runtime.ReopenContainerLog, pb.ReopenContainerLogRequest(
             container_id=first), timeout=30) == grpc.StatusCode.FAILED_PRECONDITION
         second = app(1)
         cri.runtime.StartContainer(pb.StartContainerRequest(container_id=second), timeout=60)
