@@ -464,7 +464,7 @@ def test_container_events_stream(cri: CRI) -> None:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        time.sleep(0.2)  # the subscription is in place before anything happens
+        time.sleep(1)  # the subscription is in place before anything happens
         pod, config = cri.run_pod("events")
         c = cri.container(pod, config, "short", "true")
         cri.runtime.StartContainer(pb.StartContainerRequest(container_id=c), timeout=60)
@@ -493,11 +493,11 @@ def test_ctr_events_show_cri_containers(cri: CRI) -> None:
         [CTR, "--address", cri.daemon.address, "--namespace", "k8s.io", "events"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        time.sleep(0.3)  # subscribed before the pod comes
+        time.sleep(1)  # subscribed before the pod comes
         pod, _ = cri.run_pod("announced")
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=60)
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
-        time.sleep(0.3)
+        time.sleep(1)  # the last events reach ctr
     finally:
         watcher.terminate()
         out, _ = watcher.communicate(timeout=10)

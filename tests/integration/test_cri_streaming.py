@@ -93,7 +93,7 @@ def test_exec_stdin_and_close_signal(cri: CRI, pod: tuple[str, str]) -> None:
 def test_exec_tty_and_resize(cri: CRI, pod: tuple[str, str]) -> None:
     _, container = pod
     client = ChannelClient(_exec_url(cri, container, "sh", "-c",
-                                     "sleep 0.5; stty size; tty", stdin=True, tty=True))
+                                     "sleep 1; stty size; tty", stdin=True, tty=True))
     try:
         client.send(RESIZE, json.dumps({"Width": 123, "Height": 45}).encode())
         got = client.collect()
