@@ -389,7 +389,7 @@ async def test_handler_starts_once_every_expected_stream_is_open() -> None:
 
 
 async def test_missing_streams_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spdy, "STREAM_TIMEOUT", 0.3)
+    monkeypatch.setattr(spdy.remotecommand, "STREAM_TIMEOUT", 0.3)
     called = False
 
     async def handler(streams: CommandStreams) -> None:
