@@ -81,6 +81,7 @@ class ContainerManager:
         self.sandbox_files = sandbox_files  # id -> folder of the pod's shared files
         self.feed = feed
         self._logs: dict[str, LogCopier] = {}
+        self._stdio: dict[str, ContainerFifos] = {}  # running containers' FIFOs, for attach
         self._finishing: set[asyncio.Task[None]] = set()
 
     def fifo_dir(self, id_: str) -> Path:
@@ -181,6 +182,7 @@ class ContainerManager:
                 await self.store.save(container)
                 raise
             self._logs[container.id] = copier
+            self._stdio[container.id] = fifos
             container.status.state = ContainerState.RUNNING
             container.status.pid = pid
             container.status.started_at = started_at
@@ -208,6 +210,7 @@ class ContainerManager:
         status.reason = status.reason or ("Completed" if exit_.status == 0 else "Error")
         await self.store.save(container)
         await delete_task(self.tasks, container.id)
+        self._stdio.pop(container.id, None)
         copier = self._logs.pop(container.id, None)
         if copier is not None:
             # A process the container left behind may hold its stdout: never wait for
@@ -437,6 +440,41 @@ class ContainerManager:
             await remove_fifos(fifos)
         await streams.finish(exit_code, error)
 
+    async def attach_stream(self, id_: str, streams: CommandStreams) -> None:
+        """Join a client to the running container's own stdio (kubectl attach): its
+        output from now on, its stdin, its terminal size, until it exits or the client
+        leaves. With stdin_once, the client closing stdin closes the container's."""
+        options = streams.options
+        container = self.store.containers.get(id_)
+        copier = self._logs.get(id_)
+        fifos = self._stdio.get(id_)
+        if container is None or copier is None or fifos is None:
+            await streams.finish(None, f"container {id_} is not running")
+            return
+        task = self.tasks.get(NAMESPACE, container.id)
+        chunks: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+        stop_listening = copier.listen(lambda stream, chunk: chunks.put_nowait((stream, chunk)))
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            if options.stdin and streams.stdin is not None and fifos.stdin:
+                close_after = container.config.stdin_once
+                pumps.append(asyncio.create_task(
+                    _copy_in(streams.stdin, fifos.stdin, task, "", close=close_after)))
+            if options.tty:
+                pumps.append(asyncio.create_task(_resize(streams.resizes, task, "")))
+            relay = asyncio.create_task(_relay(chunks, len(fifos.paths()) - bool(fifos.stdin),
+                                               streams))
+            gone = asyncio.create_task(streams.disconnected.wait())
+            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (relay, gone):
+                waiter.cancel()
+        finally:
+            stop_listening()
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        await streams.finish(0)
+
     async def _signal_exec(self, task: Any, exec_id: str) -> None:
         try:
             await task.kill(signal.SIGKILL, exec_id=exec_id)
@@ -473,6 +511,7 @@ class ContainerManager:
             try:
                 await copier.start()
                 self._logs[container.id] = copier
+                self._stdio[container.id] = fifos
             except (CtrdError, OSError) as exc:
                 log.warning("container log not reattached", container=container.id,
                             error=str(exc))
@@ -490,7 +529,21 @@ async def _copy_out(path: str, send: Any) -> None:
         transport.close()
 
 
-async def _copy_in(source: asyncio.StreamReader, path: str, task: Any, exec_id: str) -> None:
+async def _relay(chunks: asyncio.Queue[tuple[bytes, bytes]], outputs: int,
+                 streams: CommandStreams) -> None:
+    """Attached output to the client until every output stream of the container ended."""
+    while outputs:
+        stream, chunk = await chunks.get()
+        if not chunk:
+            outputs -= 1
+        elif stream == b"stdout" and streams.options.stdout:
+            await streams.write_stdout(chunk)
+        elif stream == b"stderr" and streams.options.stderr:
+            await streams.write_stderr(chunk)
+
+
+async def _copy_in(source: asyncio.StreamReader, path: str, task: Any, exec_id: str, *,
+                   close: bool = True) -> None:
     """The client's stdin into the exec's stdin FIFO; at its end the shim is told to
     close the process's stdin (the shim keeps the FIFO open for itself otherwise)."""
     loop = asyncio.get_running_loop()
@@ -507,8 +560,9 @@ async def _copy_in(source: asyncio.StreamReader, path: str, task: Any, exec_id: 
             await writer.drain()
     finally:
         writer.close()
-    with contextlib.suppress(CtrdError):
-        await task.close_io(exec_id)
+    if close:
+        with contextlib.suppress(CtrdError):
+            await task.close_io(exec_id)
 
 
 async def _resize(sizes: asyncio.Queue[tuple[int, int]], task: Any, exec_id: str) -> None:

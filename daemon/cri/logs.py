@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -140,6 +141,8 @@ class LogCopier:
         self._lock = asyncio.Lock()
         self._transports: list[asyncio.ReadTransport] = []
         self._run: asyncio.Task[None] | None = None
+        # Attached clients: each gets (stream, chunk) as read, and (stream, b"") at its end.
+        self._listeners: set[Callable[[bytes, bytes], None]] = set()
 
     async def start(self) -> None:
         """Open the log file and the FIFOs' read ends; the shim may open the write
@@ -205,14 +208,24 @@ class LogCopier:
         if fd is not None:
             os.close(fd)
 
+    def listen(self, listener: Callable[[bytes, bytes], None]) -> Callable[[], None]:
+        """Also hand the output to ``listener`` (an attached client) as it is read; it
+        must not block. Returns the function that stops it."""
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
+
     async def _pump(self, stream: bytes, reader: asyncio.StreamReader) -> None:
         splitter = LineSplitter(self._max_line_size)
         try:
             while chunk := await reader.read(_READ_SIZE):
+                for listener in list(self._listeners):
+                    listener(stream, chunk)
                 if self._log_path:
                     await self._write(stream, splitter.feed(chunk))
         except OSError as exc:
             self._log.warning("cri_log_read_failed", stream=stream.decode(), error=str(exc))
+        for listener in list(self._listeners):
+            listener(stream, b"")
         if self._log_path:
             await self._write(stream, splitter.finish())
 

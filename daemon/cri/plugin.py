@@ -15,7 +15,7 @@ from .images import CRIImages
 from .runtime import CRIRuntime
 from .sandboxes import SandboxManager
 from .store import CRIStore
-from .streaming.server import ExecTarget, StreamServer
+from .streaming.server import AttachTarget, ExecTarget, StreamServer
 from .streaming.streams import CommandStreams
 
 
@@ -62,8 +62,11 @@ async def init(ctx: InitContext) -> CRI:
     runtime = CRIRuntime(sandboxes, containers, ctx.get(EVENT), feed)
     await runtime.start()
 
-    async def run_exec(target: ExecTarget, streams: CommandStreams) -> None:
-        await containers.exec_stream(target.container_id, list(target.cmd), streams)
+    async def run_exec(target: ExecTarget | AttachTarget, streams: CommandStreams) -> None:
+        if isinstance(target, AttachTarget):
+            await containers.attach_stream(target.container_id, streams)
+        else:
+            await containers.exec_stream(target.container_id, list(target.cmd), streams)
 
     streaming = StreamServer(config.stream_address, config.stream_port, run_exec,
                              sandboxes.connect)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 
 from ctrd import __version__
 from ctrd.api.k8s.cri.runtime.v1 import api_pb2 as pb
-from ctrd.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from ctrd.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from ..cri.images import ImageInfo
 from ..cri.plugin import CRI
@@ -29,7 +29,7 @@ from ..cri.records import (
     SandboxState,
 )
 from ..cri.stats import Usage
-from ..cri.streaming.server import ExecTarget, PortForwardTarget
+from ..cri.streaming.server import AttachTarget, ExecTarget, PortForwardTarget
 from ..cri.streaming.streams import Options
 from ..plugin import INTERNAL, InitContext
 from ..remotes.auth import Credentials
@@ -246,8 +246,21 @@ class RuntimeService:
         return pb.ExecResponse(url=self.cri.streaming.url(target))
 
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
-        self.runtime.container(request.container_id)
-        raise Unimplemented("attach streaming is not supported; use Exec")
+        container = self.runtime.container(request.container_id)
+        if container.status.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        if request.stdin and not container.config.stdin:
+            raise InvalidArgument(f"container {container.id} was not created with stdin")
+        if request.tty != container.config.tty:
+            raise InvalidArgument(f"tty={request.tty} does not match the container's")
+        if request.tty and request.stderr:
+            raise InvalidArgument("tty and stderr cannot both be true")
+        if not (request.stdin or request.stdout or request.stderr):
+            raise InvalidArgument("one of stdin, stdout, or stderr must be set")
+        target = AttachTarget(container.id, Options(
+            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
+            tty=request.tty))
+        return pb.AttachResponse(url=self.cri.streaming.url(target))
 
     async def PortForward(self, request: pb.PortForwardRequest,
                           context) -> pb.PortForwardResponse:

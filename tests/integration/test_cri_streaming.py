@@ -11,10 +11,11 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
-from helpers.cri_env import CRI, code_of, cri_daemon
+from helpers.cri_env import BUSYBOX, CRI, code_of, cri_daemon
 from helpers.kube_apiserver import KUBECTL_DIR, KubeApiServer
 from helpers.registry import free_port
 from helpers.wsclient import ChannelClient
@@ -224,3 +225,44 @@ def test_kubectl_port_forward(cri: CRI, kube: KubeApiServer, pod: tuple[str, str
     finally:
         forward.terminate()
         forward.communicate(timeout=10)
+
+
+def test_attach_to_a_container(cri: CRI, pod: tuple[str, str]) -> None:
+    """kubectl attach: the container's own stdin and output; with stdin_once, the
+    client closing stdin closes the container's, and its exit ends the session."""
+    pod_id, _ = pod
+    config = cri.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id),
+                                          timeout=10).status
+    assert config.state == pb.SANDBOX_READY
+    created = cri.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="reader"), image=pb.ImageSpec(image=BUSYBOX),
+            command=["sh", "-c", "while read line; do echo got $line; done; echo bye >&2"],
+            stdin=True, stdin_once=True, log_path="reader.log")), timeout=60).container_id
+    cri.runtime.StartContainer(pb.StartContainerRequest(container_id=created), timeout=60)
+    url = cri.runtime.Attach(pb.AttachRequest(container_id=created, stdin=True, stdout=True,
+                                              stderr=True), timeout=10).url
+    client = ChannelClient(url)
+    try:
+        assert client.status == 101
+        client.send(STDIN, b"one\n")
+        assert client.recv() == (STDOUT, b"got one\n")
+        client.send(STDIN, b"two\n")
+        client.send(CLOSE, bytes([STDIN]))
+        got = client.collect()
+    finally:
+        client.close()
+    assert got[STDOUT] == b"got two\n" and got[STDERR] == b"bye\n"
+    assert json.loads(got[ERROR])["status"] == "Success"
+    assert cri.wait_exited(created).exit_code == 0
+    # The same output went to the container's log too.
+    log = cri.status(created).log_path
+    assert "got one" in Path(log).read_text()
+    rt = cri.runtime
+    assert code_of(rt.Attach, pb.AttachRequest(container_id=created, stdout=True),
+                   timeout=10) == grpc.StatusCode.FAILED_PRECONDITION
+    _, running = pod
+    assert code_of(rt.Attach, pb.AttachRequest(container_id=running, stdin=True, stdout=True),
+                   timeout=10) == grpc.StatusCode.INVALID_ARGUMENT  # created without stdin
+    assert code_of(rt.Attach, pb.AttachRequest(container_id=running, tty=True, stdout=True),
+                   timeout=10) == grpc.StatusCode.INVALID_ARGUMENT  # not a tty container

@@ -36,17 +36,23 @@ class ExecTarget:
 
 
 @dataclass(frozen=True)
+class AttachTarget:
+    container_id: str
+    options: Options
+
+
+@dataclass(frozen=True)
 class PortForwardTarget:
     sandbox_id: str
 
 
-ExecHandler = Callable[[ExecTarget, CommandStreams], Awaitable[None]]
+ExecHandler = Callable[[ExecTarget | AttachTarget, CommandStreams], Awaitable[None]]
 Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 @dataclass
 class _Pending:
-    target: ExecTarget | PortForwardTarget
+    target: ExecTarget | AttachTarget | PortForwardTarget
     expires: float
 
 
@@ -74,7 +80,7 @@ class StreamServer:
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
 
-    def url(self, target: ExecTarget | PortForwardTarget) -> str:
+    def url(self, target: ExecTarget | AttachTarget | PortForwardTarget) -> str:
         """A one-time URL for ``target``."""
         now = time.monotonic()
         self._pending = {k: v for k, v in self._pending.items() if v.expires > now}
@@ -84,16 +90,16 @@ class StreamServer:
             del self._pending[oldest]
         token = secrets.token_urlsafe(12)
         self._pending[token] = _Pending(target, now + TOKEN_TTL)
-        kind = "exec" if isinstance(target, ExecTarget) else "portforward"
+        kind = _KINDS[type(target)]
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"http://{host}:{self.port}/{kind}/{token}"
 
-    def _take(self, kind: str, token: str) -> ExecTarget | PortForwardTarget | None:
+    def _take(self, kind: str,
+              token: str) -> ExecTarget | AttachTarget | PortForwardTarget | None:
         pending = self._pending.pop(token, None)
         if pending is None or pending.expires < time.monotonic():
             return None
-        wanted = ExecTarget if kind == "exec" else PortForwardTarget
-        return pending.target if isinstance(pending.target, wanted) else None
+        return pending.target if _KINDS[type(pending.target)] == kind else None
 
     # -- one connection ------------------------------------------------------------------
 
@@ -122,19 +128,20 @@ class StreamServer:
         if method not in ("GET", "POST"):
             return await _reply(writer, 405, "method not allowed")
         parts = path.split("?", 1)[0].strip("/").split("/")
-        if len(parts) != 2 or parts[0] not in ("exec", "portforward"):
+        if len(parts) != 2 or parts[0] not in _KINDS.values():
             return await _reply(writer, 404, "not found")
         target = self._take(parts[0], parts[1])
         if target is None:
             return await _reply(writer, 404, "unknown or expired streaming token")
         upgrade = headers.get("upgrade", "").lower()
-        if isinstance(target, ExecTarget):
-            await self._exec(reader, writer, headers, upgrade, target)
-        else:
+        if isinstance(target, PortForwardTarget):
             await self._portforward(reader, writer, headers, upgrade, target)
+        else:
+            await self._command(reader, writer, headers, upgrade, target)
 
-    async def _exec(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    headers: dict[str, str], upgrade: str, target: ExecTarget) -> None:
+    async def _command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       headers: dict[str, str], upgrade: str,
+                       target: ExecTarget | AttachTarget) -> None:
         async def handler(streams: CommandStreams) -> None:
             await self.run_exec(target, streams)
 
@@ -168,6 +175,9 @@ class StreamServer:
             return await self.connect(target.sandbox_id, port)
 
         await spdy.serve_portforward(reader, writer, connect)
+
+
+_KINDS = {ExecTarget: "exec", AttachTarget: "attach", PortForwardTarget: "portforward"}
 
 
 def _parse(head: bytes) -> tuple[str, str, dict[str, str]]:
