@@ -335,18 +335,24 @@ class ContainerManager:
 
     # -- exec -----------------------------------------------------------------------------
 
-    async def exec_sync(self, id_: str, cmd: list[str], timeout: float) -> tuple[bytes, bytes, int]:
-        """Run ``cmd`` in the container; its stdout, stderr and exit code.
-
-        ``timeout`` (seconds, 0 for none) bounds the command; past it the command is
-        killed and DeadlineExceeded raised, as kubelet's probes expect."""
+    async def _exec_target(self, id_: str, cmd: list[str],
+                           tty: bool) -> tuple[Container, Any, dict[str, Any]]:
+        """The running container, its task and the process spec of ``cmd`` in it."""
         container = self.store.container(id_)
         if container.status.state != ContainerState.RUNNING:
             raise FailedPrecondition(f"container {container.id} is not running")
         record = await self.store.records.get(NAMESPACE, container.id)
         assert record.spec is not None
         process = specs.exec_process(json.loads(record.spec.value)["process"], cmd)
-        task = self.tasks.get(NAMESPACE, container.id)
+        process["terminal"] = tty
+        return container, self.tasks.get(NAMESPACE, container.id), process
+
+    async def exec_sync(self, id_: str, cmd: list[str], timeout: float) -> tuple[bytes, bytes, int]:
+        """Run ``cmd`` in the container; its stdout, stderr and exit code.
+
+        ``timeout`` (seconds, 0 for none) bounds the command; past it the command is
+        killed and DeadlineExceeded raised, as kubelet's probes expect."""
+        container, task, process = await self._exec_target(id_, cmd, tty=False)
         exec_id = secrets.token_hex(16)
         fifos = await create_fifos(self.fifo_dir(container.id), exec_id, stdin=False, tty=False)
         output = ExecCapture(fifos, EXEC_OUTPUT_LIMIT)
@@ -383,14 +389,7 @@ class ContainerManager:
         away takes the command with it."""
         options = streams.options
         try:
-            container = self.store.container(id_)
-            if container.status.state != ContainerState.RUNNING:
-                raise FailedPrecondition(f"container {container.id} is not running")
-            record = await self.store.records.get(NAMESPACE, container.id)
-            assert record.spec is not None
-            process = specs.exec_process(json.loads(record.spec.value)["process"], cmd)
-            process["terminal"] = options.tty
-            task = self.tasks.get(NAMESPACE, container.id)
+            container, task, process = await self._exec_target(id_, cmd, tty=options.tty)
         except CtrdError as exc:
             await streams.finish(None, str(exc))
             return

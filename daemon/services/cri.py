@@ -236,13 +236,7 @@ class RuntimeService:
             raise FailedPrecondition(f"container {container.id} is not running")
         if not request.cmd:
             raise InvalidArgument("cmd must not be empty")
-        if request.tty and request.stderr:
-            raise InvalidArgument("tty and stderr cannot both be true")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise InvalidArgument("one of stdin, stdout, or stderr must be set")
-        target = ExecTarget(container.id, tuple(request.cmd), Options(
-            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
-            tty=request.tty))
+        target = ExecTarget(container.id, tuple(request.cmd), _stream_options(request))
         return pb.ExecResponse(url=self.cri.streaming.url(target))
 
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
@@ -253,13 +247,7 @@ class RuntimeService:
             raise InvalidArgument(f"container {container.id} was not created with stdin")
         if request.tty != container.config.tty:
             raise InvalidArgument(f"tty={request.tty} does not match the container's")
-        if request.tty and request.stderr:
-            raise InvalidArgument("tty and stderr cannot both be true")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise InvalidArgument("one of stdin, stdout, or stderr must be set")
-        target = AttachTarget(container.id, Options(
-            stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
-            tty=request.tty))
+        target = AttachTarget(container.id, _stream_options(request))
         return pb.AttachResponse(url=self.cri.streaming.url(target))
 
     async def PortForward(self, request: pb.PortForwardRequest,
@@ -428,6 +416,16 @@ def _seccomp(profile: pb.SecurityProfile | None, legacy_path: str) -> str:
     if profile.profile_type == pb.SecurityProfile.Localhost:
         return f"localhost/{profile.localhost_ref}"
     raise InvalidArgument(f"unknown seccomp profile type {profile.profile_type}")
+
+
+def _stream_options(request: pb.ExecRequest | pb.AttachRequest) -> Options:
+    """Which streams an Exec or Attach wants, refused as kubelet refuses them."""
+    if request.tty and request.stderr:
+        raise InvalidArgument("tty and stderr cannot both be true")
+    if not (request.stdin or request.stdout or request.stderr):
+        raise InvalidArgument("one of stdin, stdout, or stderr must be set")
+    return Options(stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
+                   tty=request.tty)
 
 
 def _resources(res: pb.LinuxContainerResources) -> Resources:
