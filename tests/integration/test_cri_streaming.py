@@ -266,3 +266,27 @@ def test_attach_to_a_container(cri: CRI, pod: tuple[str, str]) -> None:
                    timeout=10) == grpc.StatusCode.INVALID_ARGUMENT  # created without stdin
     assert code_of(rt.Attach, pb.AttachRequest(container_id=running, tty=True, stdout=True),
                    timeout=10) == grpc.StatusCode.INVALID_ARGUMENT  # not a tty container
+
+
+def test_hostile_http_on_the_streaming_port(cri: CRI, pod: tuple[str, str]) -> None:
+    _, container = pod
+    url = _exec_url(cri, container, "true")
+    host, port = url.split("/")[2].split(":")
+
+    def ask(request: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(request)
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    path = url.split("/", 3)[3]
+    assert ask(b"DELETE /" + path.encode() + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    huge = b"GET /exec/x HTTP/1.1\r\nX-Junk: " + b"a" * 40000 + b"\r\n\r\n"
+    assert ask(huge).startswith(b"HTTP/1.1 431")
+    assert ask(b"\x16\x03\x01 not http at all\r\n\r\n").startswith(b"HTTP/1.1 405")
+    # None of that used up the token: the URL still runs its command once.
+    client = ChannelClient(url)
+    assert json.loads(client.collect()[ERROR])["status"] == "Success"
+    client.close()
