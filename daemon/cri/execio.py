@@ -58,7 +58,8 @@ class ExecCapture:
         if self._transports:
             raise FailedPrecondition("exec output capture already started")
         try:
-            for path, sink in ((self._fifos.stdout, self._stdout), (self._fifos.stderr, self._stderr)):
+            pairs = ((self._fifos.stdout, self._stdout), (self._fifos.stderr, self._stderr))
+            for path, sink in pairs:
                 if path:
                     reader, transport = await open_reader(path)
                     self._transports.append(transport)

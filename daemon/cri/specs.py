@@ -154,7 +154,8 @@ def _namespaces(spec: dict[str, Any], network: NamespaceMode, netns_path: str,
             if network == NamespaceMode.NODE:
                 continue
             entry = {"type": kind, "path": netns_path} if netns_path else entry
-        elif kind == "ipc" and ipc == NamespaceMode.NODE or kind == "pid" and pid == NamespaceMode.NODE:
+        elif (kind == "ipc" and ipc == NamespaceMode.NODE
+              or kind == "pid" and pid == NamespaceMode.NODE):
             continue
         namespaces.append(entry)
     spec["linux"]["namespaces"] = namespaces

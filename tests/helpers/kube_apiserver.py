@@ -2,11 +2,12 @@
 
 kubectl talks to :class:`KubeApiServer` as it would to an API server: it gets just
 enough discovery to map ``pods`` and its subresources, and Pod objects made from the
-CRI sandboxes and containers a test registers. For ``pods/exec`` and
+CRI sandboxes and containers a test registers. For ``pods/exec``, ``pods/attach`` and
 ``pods/portforward`` the server does kubelet's part: it asks the runtime's CRI
-``Exec``/``PortForward`` for a streaming URL, sends the client's request there (same
-method and headers, the URL's path, Host rewritten) and then relays raw bytes both
-ways, so the runtime's streaming server sees kubectl's own SPDY or WebSocket upgrade.
+``Exec``/``Attach``/``PortForward`` for a streaming URL, sends the client's request
+there (same method and headers, the URL's path, Host rewritten) and then relays raw
+bytes both ways, so the runtime's streaming server sees kubectl's own SPDY or WebSocket
+upgrade.
 
 Plain HTTP on 127.0.0.1 only; the server runs in its own threads, and ``stop`` closes
 every connection it accepted or opened, so no thread outlives it.
@@ -104,10 +105,10 @@ class Pod:
 @dataclass
 class Stream:
     """One exec/portforward handed to the runtime: what was asked and where it went."""
-    kind: str  # "exec" | "portforward"
+    kind: str  # "exec" | "attach" | "portforward"
     namespace: str
     pod: str
-    request: pb.ExecRequest | pb.PortForwardRequest
+    request: pb.ExecRequest | pb.AttachRequest | pb.PortForwardRequest
     url: str = ""
     forwarded: bytes = b""  # the request head sent to the streaming server
     upstream_status: int | None = None  # from the streaming server's first line
@@ -283,6 +284,8 @@ class KubeApiServer:
         try:
             if isinstance(stream.request, pb.ExecRequest):
                 return runtime.Exec(stream.request, timeout=30).url
+            if isinstance(stream.request, pb.AttachRequest):
+                return runtime.Attach(stream.request, timeout=30).url
             return runtime.PortForward(stream.request, timeout=30).url
         except grpc.RpcError as err:
             code = HTTP_FOR_GRPC.get(err.code(), 500)
@@ -379,6 +382,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._exec(self.owner.pod(ns, name), query)
             case ["api", "v1", "namespaces", ns, "pods", name, "portforward"]:
                 self._portforward(self.owner.pod(ns, name), query)
+            case ["api", "v1", "namespaces", ns, "pods", name, "attach"]:
+                self._attach(self.owner.pod(ns, name), query)
             case ["api", "v1", "namespaces", ns, "pods", _, _]:
                 raise ApiError(405, f"{self.command} is not served here")
             case _:
@@ -386,10 +391,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- exec and portforward -------------------------------------------------------------
 
-    def _exec(self, pod: Pod, query: dict[str, list[str]]) -> None:
-        command = query.get("command", [])
-        if not command:
-            raise ApiError(400, "you must specify at least 1 command")
+    def _container(self, pod: Pod, query: dict[str, list[str]]) -> str:
         container = _last(query, "container")
         if not container:
             if len(pod.containers) != 1:
@@ -398,6 +400,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             container = next(iter(pod.containers))
         if container not in pod.containers:
             raise ApiError(400, f"container {container} is not valid for pod {pod.name}")
+        return container
+
+    def _attach(self, pod: Pod, query: dict[str, list[str]]) -> None:
+        tty = _flag(query, "tty")
+        request = pb.AttachRequest(
+            container_id=pod.containers[self._container(pod, query)], tty=tty,
+            stdin=_flag(query, "stdin"), stdout=_flag(query, "stdout"),
+            stderr=_flag(query, "stderr") and not tty)
+        self._stream(Stream("attach", pod.namespace, pod.name, request))
+
+    def _exec(self, pod: Pod, query: dict[str, list[str]]) -> None:
+        command = query.get("command", [])
+        if not command:
+            raise ApiError(400, "you must specify at least 1 command")
+        container = self._container(pod, query)
         tty = _flag(query, "tty")
         request = pb.ExecRequest(
             container_id=pod.containers[container], cmd=command, tty=tty,

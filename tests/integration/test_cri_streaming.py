@@ -290,3 +290,22 @@ def test_hostile_http_on_the_streaming_port(cri: CRI, pod: tuple[str, str]) -> N
     client = ChannelClient(url)
     assert json.loads(client.collect()[ERROR])["status"] == "Success"
     client.close()
+
+
+@pytest.mark.parametrize("version", ["1.29", "1.32"])
+def test_kubectl_attach(cri: CRI, kube: KubeApiServer, pod: tuple[str, str],
+                        version: str) -> None:
+    pod_id, _ = pod
+    container = cri.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name=f"attached-{version}"),
+            image=pb.ImageSpec(image=BUSYBOX),
+            command=["sh", "-c", "while read line; do echo got $line; done"],
+            stdin=True, stdin_once=True)), timeout=60).container_id
+    cri.runtime.StartContainer(pb.StartContainerRequest(container_id=container), timeout=60)
+    kube.register_pod("default", f"attach-{version}", {"reader": container}, pod_id)
+    done = kube.kubectl(version, "attach", "-i", f"attach-{version}",
+                        input=b"one\ntwo\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"got one\ngot two\n"
+    assert cri.wait_exited(container).exit_code == 0  # stdin_once: its stdin ended too
