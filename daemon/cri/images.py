@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ log = structlog.get_logger()
 
 # containerd marks the names it creates for CRI with this label.
 MANAGED_LABEL = "io.cri-containerd.image"
+USAGE_TTL = 10.0
 _HEX_PREFIX = re.compile(r"^sha256:[a-f0-9]{1,64}$")
 
 
@@ -71,6 +73,8 @@ class CRIImages:
         self.gc = gc
         self.snapshotter = snapshotter
         self.snapshot_root = snapshot_root
+        self._usage: tuple[float, tuple[str, int, int]] | None = None
+        self._usage_lock = asyncio.Lock()
         # Keyed by manifest/index digest: what it resolves to never changes.
         self._resolved: dict[str, _Resolved] = {}
 
@@ -178,8 +182,19 @@ class CRIImages:
         log.info("cri image removed", image_id=info.id, names=info.names)
 
     async def fs_usage(self) -> tuple[str, int, int]:
-        """Mount point of the snapshotter's folder, bytes and inodes used under it."""
-        return await asyncio.to_thread(_usage, self.snapshot_root)
+        """Mount point of the snapshotter's folder, bytes and inodes used under it.
+
+        Walking every snapshot is costly and kubelet asks every few seconds, so a walk
+        serves for USAGE_TTL seconds (containerd too refreshes its figure on a timer);
+        concurrent askers share one walk."""
+        now = time.monotonic()
+        if self._usage is None or now - self._usage[0] > USAGE_TTL:
+            async with self._usage_lock:
+                if self._usage is None or time.monotonic() - self._usage[0] > USAGE_TTL:
+                    usage = await asyncio.to_thread(_usage, self.snapshot_root)
+                    self._usage = (time.monotonic(), usage)
+        assert self._usage is not None
+        return self._usage[1]
 
 
 def _info(resolved: _Resolved) -> ImageInfo:
