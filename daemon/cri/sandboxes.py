@@ -250,9 +250,6 @@ class SandboxManager:
             raise
         return await asyncio.open_connection(sock=sock)
 
-    async def status(self, id_: str) -> Sandbox:
-        return self.store.sandbox(id_)
-
     def list(self) -> list[Sandbox]:
         return sorted(self.store.sandboxes.values(), key=lambda s: s.created_at)
 
