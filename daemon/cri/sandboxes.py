@@ -152,10 +152,7 @@ class SandboxManager:
         sandbox = self.store.sandbox(id_)
         async with self.store.lock(sandbox.id):
             await stop_containers(sandbox.id)
-            await self._kill(sandbox)
-            if sandbox.netns_path:
-                await self._teardown_network(sandbox)
-                await netns.remove(sandbox.netns_path)
+            await self._release(sandbox)
             # The address went back to the pool with the network: no longer the pod's.
             sandbox.ip, sandbox.additional_ips = "", []
             if sandbox.state != SandboxState.NOTREADY:
@@ -171,15 +168,19 @@ class SandboxManager:
             return  # removing twice is fine, as CRI asks
         await remove_containers(sandbox.id)
         async with self.store.lock(sandbox.id):
-            await self._kill(sandbox)
-            if sandbox.netns_path:
-                await self._teardown_network(sandbox)
-                await netns.remove(sandbox.netns_path)
+            await self._release(sandbox)
             await remove_snapshot(self.snapshots, self.config.snapshotter, sandbox.id)
             await asyncio.to_thread(shutil.rmtree, self.files(sandbox.id), True)
             await self.store.remove(sandbox)
         self.feed.publish(sandbox.id, sandbox.id, EventKind.DELETED)
         log.info("sandbox removed", sandbox=sandbox.id)
+
+    async def _release(self, sandbox: Sandbox) -> None:
+        """Kill the pod's processes, then free its network (both idempotent)."""
+        await self._kill(sandbox)
+        if sandbox.netns_path:
+            await self._teardown_network(sandbox)
+            await netns.remove(sandbox.netns_path)
 
     async def _kill(self, sandbox: Sandbox) -> None:
         try:

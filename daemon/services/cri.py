@@ -100,14 +100,9 @@ class RuntimeService:
                              context) -> pb.ListPodSandboxResponse:
         f = request.filter if request.HasField("filter") else None
         items = []
-        for sandbox in self.runtime.pods():
-            if f is not None:
-                if f.id and not sandbox.id.startswith(f.id):
-                    continue
-                if f.HasField("state") and f.state.state != sandbox.state:
-                    continue
-                if not _labels_match(sandbox.config.labels, f.label_selector):
-                    continue
+        for sandbox in _pods(self.runtime.pods(), f):
+            if f is not None and f.HasField("state") and f.state.state != sandbox.state:
+                continue
             items.append(pb.PodSandbox(
                 id=sandbox.id, metadata=_pod_metadata(sandbox), state=int(sandbox.state),
                 created_at=sandbox.created_at, labels=sandbox.config.labels,
@@ -124,10 +119,7 @@ class RuntimeService:
                                   context) -> pb.ListPodSandboxStatsResponse:
         f = request.filter if request.HasField("filter") else None
         items = []
-        for sandbox in self.runtime.pods():
-            if f is not None and not (sandbox.id.startswith(f.id) and _labels_match(
-                    sandbox.config.labels, f.label_selector)):
-                continue
+        for sandbox in _pods(self.runtime.pods(), f):
             if sandbox.state == SandboxState.READY:  # as containerd: ready pods only
                 items.append(await self._pod_stats(sandbox))
         return pb.ListPodSandboxStatsResponse(stats=items)
@@ -463,6 +455,15 @@ def _credentials(auth: pb.AuthConfig) -> Credentials | None:
 
 def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pods(sandboxes: Iterable[Sandbox],
+          f: pb.PodSandboxFilter | pb.PodSandboxStatsFilter | None) -> Iterator[Sandbox]:
+    """The pods a filter's id (a prefix) and label selector let through."""
+    for sandbox in sandboxes:
+        if f is None or (sandbox.id.startswith(f.id)
+                         and _labels_match(sandbox.config.labels, f.label_selector)):
+            yield sandbox
 
 
 def _containers(containers: Iterable[Container],
